@@ -1,0 +1,349 @@
+"""Time the linear-attention cores: chunked vs naive vs quadratic (and fla / SDPA on CUDA).
+
+    python -m benchmarks.bench_kernels --out benchmarks/results/kernels_cpu.json
+    python -m benchmarks.bench_kernels --device cuda --ops gla,delta_rule --out kernels_cuda.json
+
+Shapes: B=1, H=4, K=V=64 (``--heads``/``--head-dim``), T in ``--seq-lens``. Each case reports the
+median of ``--repeats`` timed calls after one warm-up; a case whose predicted time (extrapolated
+from its last measured length by its cost exponent: 1 for recurrences, 2 for T x T forms) exceeds
+``--max-seconds`` is skipped, with the reason recorded. On CUDA the peak allocated memory of each
+call is recorded too. The JSON is written atomically (temp file, then ``os.replace``).
+
+Ops are a registry: :func:`register_op` adds an :class:`OpSpec` (input factory + cases), so another
+kernel joins with ``--ops name``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+Inputs = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One timed call: ``build(inputs)`` returns a zero-argument thunk that runs the op once."""
+
+    name: str  # unique within its op, e.g. "chunk_diagonal"
+    role: str  # chunk | naive | quadratic | fla | fla_direct | sdpa (summary ratios key on it)
+    variant: str  # decay variant the inputs are made for, e.g. "scalar", "diagonal"
+    build: Callable[[Inputs], Callable[[], Any]]
+    cost_exponent: int = 1  # time ~ T ** cost_exponent, for the skip prediction
+    devices: tuple[str, ...] = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """An op family: ``make_inputs(T, variant, args) -> Inputs`` plus its cases."""
+
+    make_inputs: Callable[[int, str, argparse.Namespace], Inputs]
+    cases: list[Case] = field(default_factory=list)
+
+
+OPS: dict[str, Callable[[], OpSpec]] = {}
+
+
+def register_op(name: str) -> Callable[[Callable[[], OpSpec]], Callable[[], OpSpec]]:
+    """Decorator: a zero-argument factory (lazy, so unavailable kernels fail only when selected)."""
+
+    def decorator(factory: Callable[[], OpSpec]) -> Callable[[], OpSpec]:
+        OPS[name] = factory
+        return factory
+
+    return decorator
+
+
+def _rand(args: argparse.Namespace, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, device=args.device, dtype=args.torch_dtype)
+
+
+def _sdpa_case(variant: str) -> Case:
+    def build(x: Inputs):
+        q, k, v = (x[n].transpose(1, 2) for n in ("q", "k", "v"))  # SDPA is head-first
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    return Case("sdpa_causal", "sdpa", variant, build, cost_exponent=2, devices=("cuda",))
+
+
+# --- gla ------------------------------------------------------------------------------------------
+
+
+def _quadratic_scalar_gla(q, k, v, g, scale):
+    """Reference T x T form for scalar decay: (q k^T * exp(b_i - b_j), masked) @ v, per head."""
+    b_BHT = g.double().cumsum(1).transpose(1, 2)
+    T = q.shape[1]
+    causal_TT = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    decay_BHTT = (b_BHT[..., :, None] - b_BHT[..., None, :]).masked_fill(~causal_TT, float("-inf")).exp()
+    scores_BHTT = torch.einsum("bthk,bshk->bhts", q.float(), k.float()) * decay_BHTT.float() * scale
+    return torch.einsum("bhts,bshv->bthv", scores_BHTT, v.float())
+
+
+@register_op("gla")
+def _gla_spec() -> OpSpec:
+    from linear_moe.kernels.gla import gla
+
+    def make_inputs(T: int, variant: str, args: argparse.Namespace) -> Inputs:
+        B, H, D = 1, args.heads, args.head_dim
+        g_shape = {"scalar": (B, T, H), "diagonal": (B, T, H, D)}[variant]
+        g = F.logsigmoid(torch.randn(*g_shape, device=args.device) + 3.0).to(args.torch_dtype)
+        return dict(q=_rand(args, B, T, H, D), k=_rand(args, B, T, H, D), v=_rand(args, B, T, H, D), g=g)
+
+    def backend_case(backend: str, variant: str, role: str, devices=("cpu", "cuda")) -> Case:
+        def build(x: Inputs):
+            return lambda: gla(x["q"], x["k"], x["v"], x["g"], output_final_state=True, backend=backend)
+
+        return Case(f"{backend}_{variant}", role, variant, build, devices=devices)
+
+    def fla_direct(variant: str) -> Case:
+        def build(x: Inputs):
+            if variant == "diagonal":
+                from fla.ops.gla import chunk_gla as op
+            else:
+                from fla.ops.simple_gla import chunk_simple_gla as op
+            return lambda: op(x["q"], x["k"], x["v"], g=x["g"], output_final_state=True)
+
+        return Case(f"fla_direct_{variant}", "fla_direct", variant, build, devices=("cuda",))
+
+    def quadratic(x: Inputs):
+        return lambda: _quadratic_scalar_gla(x["q"], x["k"], x["v"], x["g"], x["q"].shape[-1] ** -0.5)
+
+    cases = []
+    for variant in ("scalar", "diagonal"):
+        cases += [backend_case("chunk", variant, "chunk"), backend_case("naive", variant, "naive"),
+                  backend_case("fla", variant, "fla", devices=("cuda",)), fla_direct(variant)]
+    # the (T, T, K) diagonal form would need T*T*K*H floats (4 GiB at T=2048): scalar only
+    cases += [Case("quadratic_scalar", "quadratic", "scalar", quadratic, cost_exponent=2), _sdpa_case("scalar")]
+    return OpSpec(make_inputs, cases)
+
+
+# --- delta rule ------------------------------------------------------------------------------------
+
+
+@register_op("delta_rule")
+def _delta_rule_spec() -> OpSpec:
+    from linear_moe.kernels.delta_rule import delta_rule
+
+    def make_inputs(T: int, variant: str, args: argparse.Namespace) -> Inputs:
+        B, H, D = 1, args.heads, args.head_dim
+        k = F.normalize(torch.randn(B, T, H, D, device=args.device), dim=-1).to(args.torch_dtype)
+        beta = torch.rand(B, T, H, device=args.device).to(args.torch_dtype)
+        g = F.logsigmoid(torch.randn(B, T, H, device=args.device) + 3.0).to(args.torch_dtype)
+        return dict(q=_rand(args, B, T, H, D), k=k, v=_rand(args, B, T, H, D), beta=beta,
+                    g=g if variant == "gated" else None)
+
+    def backend_case(backend: str, variant: str, role: str, devices=("cpu", "cuda")) -> Case:
+        def build(x: Inputs):
+            return lambda: delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], output_final_state=True,
+                                      backend=backend)
+
+        return Case(f"{backend}_{variant}", role, variant, build, devices=devices)
+
+    def fla_direct(variant: str) -> Case:
+        def build(x: Inputs):
+            if variant == "gated":
+                from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+                return lambda: chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"],
+                                                      output_final_state=True)
+            from fla.ops.delta_rule import chunk_delta_rule
+
+            return lambda: chunk_delta_rule(x["q"], x["k"], x["v"], x["beta"], output_final_state=True)
+
+        return Case(f"fla_direct_{variant}", "fla_direct", variant, build, devices=("cuda",))
+
+    cases = []
+    for variant in ("plain", "gated"):
+        cases += [backend_case("chunk", variant, "chunk"), backend_case("naive", variant, "naive"),
+                  backend_case("fla", variant, "fla", devices=("cuda",)), fla_direct(variant)]
+    cases.append(_sdpa_case("plain"))
+    return OpSpec(make_inputs, cases)
+
+
+# --- timing ----------------------------------------------------------------------------------------
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_thunk(thunk: Callable[[], Any], repeats: int, device: str) -> dict[str, Any]:
+    """One warm-up call, then ``repeats`` timed calls; seconds and (CUDA) peak memory."""
+    with torch.no_grad():
+        thunk()
+        _sync(device)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            thunk()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    result: dict[str, Any] = {"median_s": statistics.median(times), "times_s": times}
+    if device == "cuda":
+        result["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
+    return result
+
+
+def run_op(op: str, spec: OpSpec, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every case of ``op`` at every T, shortest first; predicted-too-slow cases are skipped."""
+    rows = []
+    for case in spec.cases:
+        if args.device not in case.devices:
+            continue
+        last: tuple[int, float] | None = None  # (T, median seconds) of the last measured length
+        for T in args.seq_lens:
+            row: dict[str, Any] = {"op": op, "case": case.name, "role": case.role, "variant": case.variant, "T": T}
+            predicted = None if last is None else last[1] * (T / last[0]) ** case.cost_exponent
+            per_call_budget = args.max_seconds / (args.repeats + 1)
+            if predicted is not None and predicted > per_call_budget:
+                row["skipped"] = (f"predicted {predicted:.1f} s per call (T^{case.cost_exponent} from "
+                                  f"{last[1]:.2f} s at T={last[0]}) x {args.repeats + 1} calls > "
+                                  f"--max-seconds {args.max_seconds:g}")
+            else:
+                try:
+                    row |= time_thunk(case.build(spec.make_inputs(T, case.variant, args)), args.repeats,
+                                      args.device)
+                    last = (T, row["median_s"])
+                except (RuntimeError, ImportError, NotImplementedError, ValueError) as err:
+                    row["skipped"] = f"{type(err).__name__}: {err}"[:300]
+                finally:
+                    if args.device == "cuda":
+                        torch.cuda.empty_cache()
+            print(_format_row(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def _format_row(row: dict[str, Any]) -> str:
+    head = f"{row['op']:>10} {row['case']:>22} T={row['T']:>5}"
+    if "skipped" in row:
+        return f"{head}  skipped: {row['skipped']}"
+    mem = f"  peak {row['peak_mem_bytes'] / 2**20:.0f} MiB" if "peak_mem_bytes" in row else ""
+    return f"{head}  {row['median_s'] * 1e3:10.2f} ms{mem}"
+
+
+def summarise(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """naive/chunk at ``--ratio-T``, chunk(T_max)/chunk(T_max/2), and fla dispatch overhead."""
+    def median(op, role, variant, T):
+        for r in rows:
+            if (r["op"], r["role"], r["variant"], r["T"]) == (op, role, variant, T) and "median_s" in r:
+                return r["median_s"]
+        return None
+
+    def ratio(a, b):
+        return None if a is None or b is None else a / b
+
+    summary: dict[str, Any] = {}
+    T_top = max(args.seq_lens)
+    T_half = T_top // 2 if T_top // 2 in args.seq_lens else None
+    for op, variant in sorted({(r["op"], r["variant"]) for r in rows}):
+        s = {
+            f"naive_over_chunk_T{args.ratio_t}": ratio(median(op, "naive", variant, args.ratio_t),
+                                                       median(op, "chunk", variant, args.ratio_t)),
+            f"chunk_T{T_top}_over_T{T_half}": ratio(median(op, "chunk", variant, T_top),
+                                                    median(op, "chunk", variant, T_half)),
+        }
+        if args.device == "cuda":
+            s[f"fla_dispatch_over_direct_T{T_top}"] = ratio(median(op, "fla", variant, T_top),
+                                                            median(op, "fla_direct", variant, T_top))
+            s[f"fla_over_sdpa_T{T_top}"] = ratio(median(op, "fla", variant, T_top),
+                                                 median(op, "sdpa", variant, T_top))
+        s["meets_naive_over_chunk_ge_5"] = _check(s[f"naive_over_chunk_T{args.ratio_t}"], lambda x: x >= 5)
+        s["meets_chunk_scaling_le_2.2"] = _check(s[f"chunk_T{T_top}_over_T{T_half}"], lambda x: x <= 2.2)
+        summary[f"{op}/{variant}"] = s
+    return summary
+
+
+def _check(value, predicate):
+    return None if value is None else bool(predicate(value))
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    p.add_argument("--ops", default="gla", help=f"comma-separated, from {sorted(OPS)}")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="default float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--seq-lens", default="1024,2048,4096,8192")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-seconds", type=float, default=30.0, help="skip a case predicted to exceed this")
+    p.add_argument("--ratio-t", type=int, default=4096, help="T of the naive/chunk ratio")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (cpu)")
+    args = p.parse_args(argv)
+    args.seq_lens = sorted(int(t) for t in args.seq_lens.split(","))
+    args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    unknown = [o for o in args.ops if o not in OPS]
+    if unknown:
+        p.error(f"--ops: unknown {unknown}; registered ops are {sorted(OPS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch.cuda.is_available() is False")
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    args.torch_dtype = getattr(torch, args.dtype)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows: list[dict[str, Any]] = []
+    errors: dict[str, str] = {}
+    for op in args.ops:
+        try:
+            spec = OPS[op]()
+        except ImportError as err:
+            errors[op] = f"ImportError: {err}"
+            print(f"{op}: not available ({err})", flush=True)
+            continue
+        rows += run_op(op, spec, args)
+    payload = {
+        "config": {
+            "device": args.device,
+            "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor()
+            or platform.machine(),
+            "dtype": args.dtype, "B": 1, "H": args.heads, "K": args.head_dim, "V": args.head_dim,
+            "seq_lens": args.seq_lens, "repeats": args.repeats, "statistic": "median",
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "max_seconds": args.max_seconds,
+            "mode": "forward only, torch.no_grad, output_final_state=True",
+        },
+        "results": rows,
+        "summary": summarise(rows, args),
+        "errors": errors,
+    }
+    write_json_atomic(args.out, payload)
+    print(json.dumps(payload["summary"], indent=2))
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Atomic output directories, content hashes and canonical JSON."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory next to ``final``; on success it replaces ``final``
+    by a rename, on error it is deleted. A reader never sees a half-written ``final``."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it 0700; the output is an ordinary directory
+    try:
+        yield tmp
+        if final.exists():  # swap: old -> backup, new -> final, drop backup
+            backup = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            os.replace(final, backup / final.name)
+            os.replace(tmp, final)
+            shutil.rmtree(backup)
+        else:
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def sha256_file(path: Path, block: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_tree(root: Path, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """``{relative posix path: sha256}`` of every file below ``root``, sorted by path."""
+    files = sorted(p for p in Path(root).rglob("*") if p.is_file())
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in files
+            if p.relative_to(root).as_posix() not in exclude}
+
+
+def write_json(path: Path, data: object) -> None:
+    """Canonical JSON (sorted keys, 2-space indent, trailing newline) so reruns are byte-identical."""
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")

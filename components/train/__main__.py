@@ -1,0 +1,86 @@
+"""``python -m linear_moe.components.train`` / ``torchrun -m linear_moe.components.train``.
+
+Every TrainConfig field is a flag; ``--config FILE`` (JSON/YAML) supplies defaults that flags override.
+Model fields go through ``--model KEY=VALUE`` (repeatable), e.g. ``--model lsm_mixer=deltanet``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from linear_moe.components.train.config import TrainConfig
+
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m linear_moe.components.train", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="JSON or YAML file of TrainConfig fields (flags override it)")
+    p.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
+                   help="ModelConfig override over the preset, value parsed as JSON when possible")
+    comments = _field_comments()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "model_overrides":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=comments.get(f.name, ""))
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(str(f.type), str)
+            p.add_argument(flag, dest=f.name, type=kind, default=None, help=comments.get(f.name, ""))
+    return p
+
+
+def _field_comments() -> dict[str, str]:
+    """The one-line comment after each TrainConfig field, used as its --help text."""
+    import inspect
+
+    import linear_moe.components.train.config as module
+
+    comments = {}
+    for line in inspect.getsource(module.TrainConfig).splitlines():
+        stripped = line.strip()
+        if ":" in stripped and "#" in stripped and not stripped.startswith("#"):
+            name = stripped.split(":", 1)[0].strip()
+            comments[name] = stripped.split("#", 1)[1].strip()
+    return comments
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    args = parser().parse_args(argv)
+    base = TrainConfig.from_file(args.config).to_dict() if args.config else {}
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            base[f.name] = value
+    overrides = dict(base.get("model_overrides") or {})
+    for item in args.model:
+        if "=" not in item:
+            raise ValueError(f"--model {item!r}: expected FIELD=VALUE")
+        key, raw = item.split("=", 1)
+        try:
+            overrides[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key] = raw
+    base["model_overrides"] = overrides
+    return TrainConfig.from_dict(base)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from linear_moe.components.train.loop import train
+
+    try:
+        config = config_from_args(argv)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    result = train(config)
+    print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

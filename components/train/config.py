@@ -1,0 +1,123 @@
+"""``TrainConfig``: every knob of a training run, validated in one place.
+
+The model architecture is a :class:`linear_moe.model.ModelConfig` (a preset plus overrides); this
+holds data, optimisation, parallelism, checkpointing and logging.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from linear_moe.model import ModelConfig, preset
+
+
+@dataclass
+class TrainConfig:
+    # --- model ---
+    preset: str = "tiny"  # a name in linear_moe.model.config.PRESETS
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields over the preset
+
+    # --- data ---
+    data_dir: str = ""  # tokenize output: indexed dataset prefixes + tokenizer/
+    seq_length: int = 128  # tokens per sample
+    micro_batch_size: int = 4  # samples per micro-batch per data-parallel rank
+    global_batch_size: int = 8  # samples per optimizer step across data-parallel ranks
+
+    # --- optimisation ---
+    steps: int = 100  # optimizer steps
+    lr: float = 3e-3  # peak learning rate
+    min_lr: float = 3e-4  # floor of the cosine decay
+    warmup_steps: int = 10  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW decoupled weight decay
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # global gradient-norm clip (0 disables)
+    seed: int = 1234  # model init, data order
+
+    # --- parallelism (world size = tp * pp * dp, with ep dividing dp * tp as in megatron) ---
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    expert_parallel: int = 1
+    sequence_parallel: int = 1  # LASP-2 sequence-parallel group size for LSM layers
+
+    # --- evaluation, checkpoints, logs ---
+    eval_interval: int = 50  # steps between validation-loss evaluations (0 disables)
+    eval_iters: int = 4  # micro-batches per validation evaluation
+    save_interval: int = 50  # steps between checkpoints (0: only the final one)
+    output_dir: str = "runs/train"  # checkpoints/, metrics.jsonl, dvclive/
+    resume: bool = False  # continue from the latest complete checkpoint in output_dir
+    log_interval: int = 1  # steps between metric records
+    dvclive: bool = True  # also log through dvclive
+
+    def __post_init__(self) -> None:
+        positive = ("seq_length", "micro_batch_size", "global_batch_size", "steps", "tensor_parallel",
+                    "pipeline_parallel", "expert_parallel", "sequence_parallel", "log_interval")
+        for name in positive:
+            _check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_interval", "eval_iters", "save_interval"):
+            _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        _check(self.lr > 0 and 0 <= self.min_lr <= self.lr, "min_lr",
+               f"need 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        _check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
+        self.model_config()  # raises ValueError naming the bad model field or preset
+
+    def model_config(self) -> ModelConfig:
+        return preset(self.preset, **self.model_overrides)
+
+    def data_parallel(self, world_size: int) -> int:
+        """Data-parallel size for ``world_size`` processes, with a clear error if it doesn't divide."""
+        model_parallel = self.tensor_parallel * self.pipeline_parallel * self.sequence_parallel
+        if world_size % model_parallel:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tensor_parallel={self.tensor_parallel} x "
+                f"pipeline_parallel={self.pipeline_parallel} x sequence_parallel={self.sequence_parallel} "
+                f"= {model_parallel}; launch a multiple of {model_parallel} processes or change the sizes"
+            )
+        dp = world_size // model_parallel
+        if (dp * self.tensor_parallel) % self.expert_parallel:
+            raise ValueError(
+                f"expert_parallel={self.expert_parallel} must divide data_parallel x tensor_parallel = "
+                f"{dp * self.tensor_parallel} (world size {world_size})"
+            )
+        if self.global_batch_size % (self.micro_batch_size * dp):
+            raise ValueError(
+                f"global_batch_size={self.global_batch_size} must be a multiple of micro_batch_size="
+                f"{self.micro_batch_size} x data_parallel={dp}"
+            )
+        return dp
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TrainConfig":
+        """Read a JSON or YAML file holding TrainConfig fields."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"training config file {path} does not exist")
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of TrainConfig fields, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+
+def _check(condition: bool, field_name: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"TrainConfig.{field_name}: {message}")

@@ -1,0 +1,146 @@
+"""The training loop: megatron-core model, schedules and checkpoints; torch AdamW on CPU.
+
+One code path for CPU (gloo, fp32) and GPU (nccl, bf16): only the backend and dtypes differ.
+"""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from linear_moe.components.train import checkpoint as ckpt
+from linear_moe.components.train.config import TrainConfig
+from linear_moe.components.train.data import build_datasets, microbatches, read_tokenizer_info
+from linear_moe.components.train.distributed import init_process_group
+from linear_moe.components.train.metrics import MetricsLogger
+from linear_moe.components.train.schedule import lr_at
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Train to ``config.steps``; returns the final metrics record (on every rank)."""
+    from megatron.core import parallel_state as ps
+
+    from linear_moe.model.megatron import ParallelSizes, destroy_parallel, initialize_parallel
+
+    rank, world = init_process_group()
+    dp_size = config.data_parallel(world)
+    if config.sequence_parallel > 1:
+        raise ValueError("TrainConfig.sequence_parallel > 1 is not wired into the training loop yet; "
+                         "LASP-2 is available as model/parallel/sequence_parallel.py")
+    model_config = config.model_config()
+    tokenizer = read_tokenizer_info(config.data_dir)
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise ValueError(
+            f"the tokenizer in {config.data_dir}/tokenizer has {tokenizer.vocab_size} tokens but the model's "
+            f"vocab_size is {model_config.vocab_size}; set model_overrides.vocab_size >= {tokenizer.vocab_size}"
+        )
+    output_dir = Path(config.output_dir)
+    checkpoint_root = output_dir / "checkpoints"
+    latest = ckpt.latest_complete(checkpoint_root) if config.resume else None
+
+    initialize_parallel(ParallelSizes(tensor=config.tensor_parallel, pipeline=config.pipeline_parallel,
+                                      expert=config.expert_parallel), seed=config.seed)
+    try:
+        torch.manual_seed(config.seed)
+        model = _build_model(model_config, config)
+        optimizer = _build_optimizer(model, config)
+        start_step = 0
+        if latest is not None:
+            state = ckpt.load_checkpoint(latest, model.chunks, optimizer)
+            _check_same_model(state.get("model_config", {}), model_config.to_dict(), latest)
+            start_step = state["step"]
+        dp_rank = ps.get_data_parallel_rank()
+        train_ds, valid_ds = build_datasets(
+            config.data_dir, seq_length=config.seq_length, seed=config.seed,
+            train_samples=config.steps * config.global_batch_size,
+            valid_samples=max(1, config.eval_iters) * config.micro_batch_size * dp_size,
+            cache_dir=output_dir / "data_cache", tokenizer=tokenizer,
+        )
+        logger = MetricsLogger(output_dir, config.dvclive, resume=latest is not None) if rank == 0 else None
+        if rank == 0:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / "model_config.json").write_text(model_config.to_json())
+            (output_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        record: dict[str, Any] = {}
+        progress = _progress(rank, start_step, config.steps)
+        for step in range(start_step, config.steps):
+            started = time.perf_counter()
+            lr = lr_at(step, lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps,
+                       total_steps=config.steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batches = microbatches(train_ds, step=step, global_batch_size=config.global_batch_size,
+                                   micro_batch_size=config.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
+            loss, moe = model.train_step(batches, optimizer, grad_clip=config.grad_clip)
+            elapsed = time.perf_counter() - started
+            record = {
+                "loss": loss, "lr": lr, "grad_norm": model.last_grad_norm,
+                "tokens_per_s": config.global_batch_size * config.seq_length / elapsed,
+                "peak_memory_mb": _peak_memory_mb(), **moe,
+            }
+            done = step + 1
+            if config.eval_interval and valid_ds is not None and (done % config.eval_interval == 0 or done == config.steps):
+                record["eval_loss"] = model.eval_loss(
+                    microbatches(valid_ds, step=0, global_batch_size=config.eval_iters * config.micro_batch_size * dp_size,
+                                 micro_batch_size=config.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size))
+            if logger is not None and (done % config.log_interval == 0 or done == config.steps):
+                logger.log(done, record)
+            if progress is not None:
+                progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+                progress.update(1)
+            if (config.save_interval and done % config.save_interval == 0) or done == config.steps:
+                ckpt.save_checkpoint(checkpoint_root, done, model.chunks, optimizer,
+                                     {"model_config": model_config.to_dict(), "train_config": config.to_dict()})
+        if progress is not None:
+            progress.close()
+        if logger is not None:
+            logger.close()
+        return {"step": config.steps, **record}
+    finally:
+        destroy_parallel()
+
+
+def _build_model(model_config, config: TrainConfig):
+    from linear_moe.components.train.step import TrainingModel
+
+    return TrainingModel(model_config, seq_length=config.seq_length, micro_batch_size=config.micro_batch_size)
+
+
+def _build_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on norms, biases and other 1-D parameters."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=1e-8)
+
+
+def _check_same_model(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if differing:
+        details = ", ".join(f"{k}: checkpoint={saved.get(k)!r} vs run={current.get(k)!r}" for k in differing)
+        raise ValueError(f"checkpoint {path} was written for a different model config ({details}); "
+                         f"use a new output_dir or the checkpoint's config")
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _progress(rank: int, start: int, total: int):
+    if rank != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)

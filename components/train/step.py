@@ -1,0 +1,152 @@
+"""One training step on the megatron model: forward-backward schedule, gradient clipping, AdamW,
+plus the MoE statistics (aux losses, per-expert load) the trainer logs."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+class TrainingModel:
+    """This rank's DDP-wrapped model chunk(s) and the step functions that drive them."""
+
+    def __init__(self, model_config, *, seq_length: int, micro_batch_size: int):
+        from megatron.core import parallel_state as ps
+
+        from linear_moe.model.megatron import ParallelSizes, build_gpt_model, transformer_config, wrap_ddp
+
+        sizes = ParallelSizes(tensor=ps.get_tensor_model_parallel_world_size(),
+                              pipeline=ps.get_pipeline_model_parallel_world_size(),
+                              expert=ps.get_expert_model_parallel_world_size())
+        self.model_config = model_config
+        self.config = transformer_config(model_config, sizes)
+        self.chunks = [wrap_ddp(build_gpt_model(model_config, self.config), self.config)]
+        self.seq_length = seq_length
+        self.micro_batch_size = micro_batch_size
+        self.last_grad_norm = float("nan")
+        self._tokens_per_expert: dict[int, torch.Tensor] = {}
+        self._watch_routers()
+
+    def parameters(self):
+        for chunk in self.chunks:
+            yield from chunk.parameters()
+
+    # ------------------------------------------------------------------ steps
+    def train_step(self, batches: list[dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
+                   grad_clip: float) -> tuple[float, dict[str, Any]]:
+        """Forward/backward over ``batches`` (this rank's micro-batches), clip, step.
+
+        Returns the global mean loss and the MoE statistics, identical on every rank.
+        """
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+        for chunk in self.chunks:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad(set_to_none=True)
+        self._tokens_per_expert.clear()
+        clear_aux_losses_tracker()
+        losses = self._schedule(batches, forward_only=False)
+        for param in self.parameters():
+            main_grad = getattr(param, "main_grad", None)
+            if param.requires_grad and main_grad is not None:
+                param.grad = main_grad.to(param.dtype)
+        self.last_grad_norm = self._clip(grad_clip)
+        optimizer.step()
+        return self._global_mean(losses), self._moe_stats()
+
+    @torch.no_grad()
+    def eval_loss(self, batches: list[dict[str, torch.Tensor]]) -> float:
+        for chunk in self.chunks:
+            chunk.eval()
+        return self._global_mean(self._schedule(batches, forward_only=True))
+
+    # ------------------------------------------------------------------ internals
+    def _schedule(self, batches, forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from linear_moe.model.megatron import lm_forward_step
+
+        return get_forward_backward_func()(
+            forward_step_func=lm_forward_step, data_iterator=iter(batches), model=self.chunks,
+            num_microbatches=len(batches), seq_length=self.seq_length, micro_batch_size=self.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def _global_mean(self, losses: list[dict[str, torch.Tensor]]) -> float:
+        """Mean micro-batch loss over data-parallel ranks, broadcast from the last pipeline stage."""
+        from megatron.core import parallel_state as ps
+
+        value = torch.zeros(2, dtype=torch.float64)
+        if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and losses:
+            value[0] = torch.stack([item["lm loss"].double() for item in losses]).mean()
+            value[1] = 1.0
+        dist.all_reduce(value)
+        return float(value[0] / value[1])
+
+    def _clip(self, max_norm: float) -> float:
+        """Global L2 norm over every rank's distinct gradients (TP duplicates counted once)."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+        dense, expert = torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+        params = [p for p in self.parameters() if p.grad is not None]
+        for param in params:
+            if not param_is_not_tensor_parallel_duplicate(param):
+                continue
+            target = expert if not getattr(param, "allreduce", True) else dense
+            target += param.grad.detach().double().pow(2).sum()
+        dist.all_reduce(dense, group=ps.get_model_parallel_group())
+        dist.all_reduce(expert, group=ps.get_expert_tensor_model_pipeline_parallel_group())
+        norm = math.sqrt(float(dense + expert))
+        if max_norm > 0 and norm > max_norm:
+            scale = max_norm / (norm + 1e-6)
+            for param in params:
+                param.grad.mul_(scale)
+        return norm
+
+    def _watch_routers(self) -> None:
+        """Record each router's per-expert token counts during the training forward."""
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        for chunk in self.chunks:
+            for module in chunk.modules():
+                if isinstance(module, TopKRouter):
+                    module.register_forward_hook(self._count_tokens)
+
+    def _count_tokens(self, router, _inputs, output) -> None:
+        if not torch.is_grad_enabled():
+            return
+        routing_map = output[1]
+        counts = routing_map.sum(dim=0).detach().double()
+        key = router.layer_number
+        self._tokens_per_expert[key] = self._tokens_per_expert.get(key, 0) + counts
+
+    def _moe_stats(self) -> dict[str, Any]:
+        """``aux_loss`` (sum over layers of megatron's tracked MoE losses, mean over micro-batches)
+        and ``expert_load`` (per MoE layer, fraction of routed tokens per expert, global)."""
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        tracker = get_moe_layer_wise_logging_tracker()
+        aux = torch.zeros(1, dtype=torch.float64)
+        for name, entry in tracker.items():
+            if "loss" in name:
+                aux += entry["values"].detach().double().sum()
+        layers = self.model_config.layer_kinds
+        moe_layers = [i + 1 for i, kind in enumerate(layers) if kind.is_moe]
+        counts = torch.zeros(len(moe_layers), self.model_config.num_experts, dtype=torch.float64)
+        for row, layer_number in enumerate(moe_layers):
+            if layer_number in self._tokens_per_expert:
+                counts[row] = self._tokens_per_expert[layer_number]
+        if moe_layers:
+            # routers see TP-replicated (sequence-parallel: TP-split) tokens; sum over every rank's shard
+            from megatron.core import parallel_state as ps
+
+            counts_and_aux = torch.cat([counts.flatten(), aux])
+            dist.all_reduce(counts_and_aux)
+            counts = counts_and_aux[:-1].view_as(counts)
+            aux = counts_and_aux[-1:] / dist.get_world_size()
+        fractions = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+        return {"aux_loss": float(aux), "expert_load": fractions.tolist()}

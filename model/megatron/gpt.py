@@ -1,0 +1,33 @@
+"""The Linear-MoE language model as a megatron ``GPTModel`` built from our per-layer specs."""
+from __future__ import annotations
+
+from linear_moe.model.config import ModelConfig
+from linear_moe.model.megatron.specs import block_spec
+
+
+def build_gpt_model(model_config: ModelConfig, config, attention_mixer: str = "attention"):
+    """Build this rank's part of the model (its pipeline stage, its TP/EP shards).
+
+    ``config`` comes from :func:`~linear_moe.model.megatron.config.transformer_config`; megatron's
+    process groups must be initialised (:func:`~linear_moe.model.megatron.parallel.initialize_parallel`).
+    Positions are the mixers' business (RoPE inside the attention mixer), so the embedding has no
+    position table. ``forward(input_ids_BT, position_ids_BT, attention_mask=None, labels=labels_BT)``
+    returns the per-token loss ``(B, T)`` on the last stage.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    pipeline_size = parallel_state.get_pipeline_model_parallel_world_size()
+    pipeline_rank = parallel_state.get_pipeline_model_parallel_rank()
+    if config.num_layers != model_config.num_layers:
+        raise ValueError(f"TransformerConfig.num_layers={config.num_layers} != ModelConfig.num_layers={model_config.num_layers}")
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=block_spec(model_config, pipeline_size, pipeline_rank, attention_mixer),
+        vocab_size=model_config.vocab_size,
+        max_sequence_length=model_config.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=model_config.tie_word_embeddings,
+        position_embedding_type="none",
+    )

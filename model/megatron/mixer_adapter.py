@@ -1,0 +1,83 @@
+"""A registered mixer as megatron's self-attention submodule (``TransformerLayer.self_attention``).
+
+Megatron passes ``(T, B, D)`` activations, sequence-sharded over TP ranks when sequence parallel is
+on. The adapter gathers the sequence once, runs the mixer on ``(B, T, D)`` with
+:class:`MegatronLinears` (heads split over TP ranks), and scatters the output back.
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+
+from linear_moe.model.megatron.linears import MegatronLinears
+from linear_moe.model.mixers import MIXERS, SINGLE_DEVICE
+
+
+class MixerAdapter(MegatronModule):
+    """``forward(x_TBD, ...) -> (y_TBD, None)`` around ``MIXERS[mixer_name]``.
+
+    Parameters of the mixer are tagged for megatron: per-head parameters (sized with
+    ``local_heads``) get ``tensor_model_parallel``/``partition_dim`` like megatron's own sharded
+    weights; every other non-megatron parameter is replicated over TP and gets
+    ``sequence_parallel=True`` so ``finalize_model_grads`` sums its gradient over the TP group.
+    """
+
+    def __init__(self, config, layer_number: int, model_config, mixer_name: str, pg_collection=None, **unused):
+        super().__init__(config=config)
+        if mixer_name not in MIXERS:
+            raise ValueError(f"mixer {mixer_name!r} is not registered; known mixers: {sorted(MIXERS)}")
+        tp_size = config.tensor_model_parallel_size
+        if tp_size > 1 and not config.sequence_parallel:
+            raise ValueError("MixerAdapter: tensor parallel > 1 needs sequence_parallel=True (transformer_config sets it)")
+        mixer_cls = MIXERS[mixer_name]
+        self.layer_idx = layer_number - 1  # megatron numbers layers from 1, globally across stages
+        self.mixer = mixer_cls(model_config, layer_idx=self.layer_idx, linears=MegatronLinears(config))
+        with torch.device("meta"):
+            reference = mixer_cls(model_config, layer_idx=self.layer_idx, linears=SINGLE_DEVICE)
+        tag_mixer_parameters(self.mixer, dict(reference.named_parameters()), tp_size, config.sequence_parallel)
+
+    def forward(self, hidden_states, attention_mask=None, inference_context=None, rotary_pos_emb=None,
+                packed_seq_params=None, **unused):
+        """``hidden_states``: ``(T / tp, B, D)`` under sequence parallel, else ``(T, B, D)``."""
+        from megatron.core import tensor_parallel
+
+        x_TBD = hidden_states
+        if self.config.sequence_parallel:
+            x_TBD = tensor_parallel.gather_from_sequence_parallel_region(x_TBD, tensor_parallel_output_grad=True)
+        elif self.config.tensor_model_parallel_size > 1:
+            x_TBD = tensor_parallel.copy_to_tensor_model_parallel_region(x_TBD)
+        cu_seqlens = None if packed_seq_params is None else packed_seq_params.cu_seqlens_q
+        y_BTD, _ = self.mixer(x_TBD.transpose(0, 1), cu_seqlens=cu_seqlens)
+        y_TBD = y_BTD.transpose(0, 1).contiguous()
+        if self.config.sequence_parallel:
+            y_TBD = tensor_parallel.scatter_to_sequence_parallel_region(y_TBD)
+        return y_TBD, None
+
+
+def tag_mixer_parameters(mixer: torch.nn.Module, full_params: dict, tp_size: int, sequence_parallel: bool) -> None:
+    """Set megatron's TP attributes on a mixer's parameters by comparing with a single-device build.
+
+    ``full_params``: name -> parameter of the same mixer built with ``tp_size=1`` (on meta).
+    A parameter whose shape differs in exactly one dim by the factor ``tp_size`` is TP-sharded on
+    that dim; one of equal shape is replicated. Anything else raises ``ValueError``.
+    """
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    for name, param in mixer.named_parameters():
+        if hasattr(param, "tensor_model_parallel"):  # megatron column/row linears tag their own
+            continue
+        if name not in full_params:
+            raise ValueError(f"mixer parameter {name!r} does not exist in the single-device build of the mixer")
+        full_shape, local_shape = tuple(full_params[name].shape), tuple(param.shape)
+        if full_shape == local_shape:
+            set_tensor_model_parallel_attributes(param, False, -1, 1)
+            param.sequence_parallel = sequence_parallel
+            continue
+        split_dims = [d for d, (f, l) in enumerate(zip(full_shape, local_shape)) if f != l]
+        if (len(full_shape) != len(local_shape) or len(split_dims) != 1
+                or full_shape[split_dims[0]] != local_shape[split_dims[0]] * tp_size):
+            raise ValueError(
+                f"mixer parameter {name!r}: local shape {local_shape} is not full shape {full_shape} split "
+                f"along one dim over tensor parallel {tp_size}; size per-head parameters with linears.local_heads"
+            )
+        set_tensor_model_parallel_attributes(param, True, split_dims[0], 1)

@@ -1,0 +1,131 @@
+"""``python -m linear_moe.pipelines compile|run-local|submit``: the Linear-MoE KFP pipeline.
+
+  compile    write the pipeline IR YAML (default linear-moe-pipeline.yaml)
+  run-local  run tokenize -> train -> convert -> evaluate here with kfp.local (in-process training)
+  submit     compile and start a run on a Kubeflow Pipelines host; prints the run URL
+
+Pipeline parameters (run-local, submit) are flags named like the parameters, e.g.
+``--preset tiny --lsm-mixer deltanet --tensor-parallel 2 --nodes 2 --gpus-per-node 8 --use-trainjob``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from linear_moe.pipelines.pipeline import DEFAULTS, ClusterOptions, Resources
+
+PARAM_HELP = {
+    "preset": "model preset (linear_moe.model.config.PRESETS)",
+    "lsm_mixer": "LSM mixer registry name (gla, deltanet, ...)",
+    "layer_pattern": "one symbol per layer (L/l LSM, A/a attention; upper case = MoE); empty = the preset's",
+    "tensor_parallel": "tensor-parallel size", "pipeline_parallel": "pipeline-parallel size",
+    "expert_parallel": "expert-parallel size", "sequence_parallel": "LASP-2 sequence-parallel size",
+    "steps": "optimizer steps", "seq_length": "tokens per training sample",
+    "vocab_size": "BPE vocabulary size trained by the tokenize step",
+    "data_location": "corpus directory/glob/URI; empty = the shakespeare texts in the image",
+    "nodes": "training nodes (TrainJob numNodes)", "gpus_per_node": "GPUs per node; 0 = CPU, one process per node",
+    "use_trainjob": "train through a Kubeflow Trainer TrainJob (cluster); otherwise in the pipeline pod",
+    "trainjob_image": "image of the TrainJob's training pods", "trainjob_namespace": "namespace of the TrainJob",
+    "workspace_pvc": "PVC shared by the train step and its TrainJob (mounted at /workspace)",
+}
+
+
+def _add_pipeline_params(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("pipeline parameters")
+    for name, default in DEFAULTS.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default,
+                               help=PARAM_HELP[name])
+        else:
+            group.add_argument(flag, dest=name, type=type(default), default=default, help=PARAM_HELP[name])
+
+
+def _add_placement(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--train-gpus", type=int, default=0,
+                   help="GPUs for the train pod itself (in-pod training, use_trainjob off); the TrainJob asks "
+                        "for its own GPUs, so leave 0 with --use-trainjob")
+    p.add_argument("--no-cache", dest="enable_caching", action="store_false",
+                   help="disable KFP caching of every step")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m linear_moe.pipelines", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{compile,run-local,submit}")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    c = sub.add_parser("compile", help="write the pipeline IR YAML", formatter_class=fmt)
+    c.add_argument("--output", "-o", default="linear-moe-pipeline.yaml", help="IR YAML path")
+    _add_placement(c)
+
+    r = sub.add_parser("run-local", help="run the pipeline here with kfp.local", formatter_class=fmt)
+    r.add_argument("--pipeline-root", default="runs/kfp-local", help="where task outputs land")
+    _add_pipeline_params(r)
+
+    s = sub.add_parser("submit", help="compile and start a run on a KFP host; prints the run URL", formatter_class=fmt)
+    s.add_argument("--host", required=True, help="KFP API URL, e.g. https://kubeflow.example.com/pipeline")
+    s.add_argument("--namespace", dest="kfp_namespace", default=None, help="KFP (profile) namespace of the run")
+    s.add_argument("--experiment", default="linear-moe", help="experiment name (created if missing)")
+    s.add_argument("--run-name", default=None, help="run name; default: KFP's")
+    s.add_argument("--token", default=None, help="bearer token for the KFP API (default: the client's own auth)")
+    s.add_argument("--service-account", default="linear-moe-launcher",
+                   help="service account of the run's pods (k8s/ grants it TrainJob rights)")
+    _add_placement(s)
+    _add_pipeline_params(s)
+    return p
+
+
+def _options(args: argparse.Namespace) -> ClusterOptions:
+    options = ClusterOptions(enable_caching=args.enable_caching)
+    if args.train_gpus:
+        options.resources["train"] = Resources(cpu_request="8", cpu_limit="16", memory_request="64G",
+                                               memory_limit="128G", gpus=args.train_gpus)
+    return options
+
+
+def _arguments(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in DEFAULTS}
+
+
+def validate_arguments(arguments: dict[str, Any]) -> None:
+    """Fail before submitting: model preset/mixer/pattern and parallel sizes vs nodes * GPUs."""
+    from linear_moe.pipelines.trainjob import ParallelLayout, procs_per_node, validate_model
+
+    validate_model(arguments["preset"], arguments["lsm_mixer"], arguments["layer_pattern"])
+    layout = ParallelLayout(arguments["tensor_parallel"], arguments["pipeline_parallel"],
+                            arguments["expert_parallel"], arguments["sequence_parallel"])
+    layout.check(arguments["nodes"] * procs_per_node(arguments["gpus_per_node"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "compile":
+            from linear_moe.pipelines.pipeline import compile_pipeline
+
+            print(compile_pipeline(args.output, _options(args)))
+        elif args.command == "run-local":
+            from linear_moe.pipelines.local import run_local
+
+            arguments = _arguments(args)
+            validate_arguments(arguments)
+            print(run_local(arguments, args.pipeline_root))
+        else:
+            from linear_moe.pipelines.pipeline import compile_pipeline
+            from linear_moe.pipelines.submit import submit
+
+            arguments = _arguments(args)
+            validate_arguments(arguments)
+            with tempfile.TemporaryDirectory() as tmp:
+                package = compile_pipeline(str(Path(tmp) / "pipeline.yaml"), _options(args))
+                print(submit(package, args.host, arguments, namespace=args.kfp_namespace, experiment=args.experiment,
+                             run_name=args.run_name, token=args.token, service_account=args.service_account,
+                             enable_caching=None if args.enable_caching else False))
+    except (ValueError, ImportError, ConnectionError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

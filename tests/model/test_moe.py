@@ -1,0 +1,235 @@
+"""MoE layer and SwiGLU against independent references: a per-token Python loop, numpy counts,
+transformers' LlamaMLP, and the config's own validation."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from linear_moe.kernels.testing import assert_rel_close
+from linear_moe.model.config import MOE_ROUTERS, ModelConfig
+from linear_moe.model.mixers import MIXERS, Mixer
+from linear_moe.model.mlp import SwiGLU
+from linear_moe.model.moe import ROUTERS, MoELayer, load_balancing_loss, router_z_loss
+
+STUB_MIXER = "_moe_test_stub"
+SHARED = {"none": (0, False), "shared": (2, False), "shared-gated": (1, True)}
+
+
+@pytest.fixture
+def make_config(monkeypatch):
+    """Tiny one-layer MoE ``ModelConfig``; a stub mixer is registered so no mixer module is needed."""
+    monkeypatch.setitem(MIXERS, STUB_MIXER, Mixer)
+
+    def make(**overrides) -> ModelConfig:
+        fields = dict(num_layers=1, layer_pattern="L", hidden_size=8, num_heads=2, lsm_mixer=STUB_MIXER,
+                      num_experts=4, moe_top_k=2, moe_ffn_hidden_size=6, initializer_range=0.5,
+                      moe_aux_loss_coeff=0.3, moe_z_loss_coeff=0.2)
+        return ModelConfig(**{**fields, **overrides})
+
+    return make
+
+
+# ---------------------------------------------------------------------------- reference
+def _reference_route(router_name: str, logits_E: torch.Tensor, bias_E: torch.Tensor, k: int):
+    """One token's experts (Python sort, descending) and weights, straight from the definitions."""
+    values = logits_E.detach().tolist()
+    if router_name == "softmax_topk":
+        probs_E = torch.exp(logits_E) / torch.exp(logits_E).sum()
+        idx = sorted(range(len(values)), key=lambda e: -values[e])[:k]
+        return idx, [probs_E[e] for e in idx], probs_E
+    if router_name == "mixtral":
+        idx = sorted(range(len(values)), key=lambda e: -values[e])[:k]
+        exp_k = [torch.exp(logits_E[e]) for e in idx]
+        return idx, [w / sum(exp_k) for w in exp_k], torch.exp(logits_E) / torch.exp(logits_E).sum()
+    if router_name == "sigmoid_bias":
+        scores_E = 1.0 / (1.0 + torch.exp(-logits_E))
+        biased = [s + b for s, b in zip(scores_E.detach().tolist(), bias_E.tolist())]
+        idx = sorted(range(len(values)), key=lambda e: -biased[e])[:k]
+        chosen = [scores_E[e] for e in idx]
+        return idx, [s / sum(chosen) for s in chosen], scores_E / scores_E.sum()
+    raise AssertionError(router_name)
+
+
+def _silu(x):
+    return x / (1.0 + torch.exp(-x))
+
+
+def reference_moe(layer: MoELayer, x_BTD: torch.Tensor, capacity: int | None = None):
+    """Dense per-token loop: ``y_t = sum_j w_tj * expert_{e_tj}(x_t) + shared(x_t)``.
+
+    Assignments are visited in token order; one beyond ``capacity`` for its expert contributes 0.
+    Returns ``(y_BTD, aux_loss, z_loss, routed_counts, dropped)`` with the layer's coefficients.
+    """
+    router, experts = layer.router, layer.experts
+    E, k = layer.num_experts, layer.top_k
+    bias_E = getattr(router, "expert_bias_E", torch.zeros(E))
+    x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
+    counts, dropped, rows, probs, z_terms = [0] * E, 0, [], [], []
+    for x_D in x_TD:
+        logits_E = torch.stack([(router.weight[e] * x_D).sum() for e in range(E)])
+        idx, weights, probs_E = _reference_route(router.registry_name, logits_E, bias_E, k)
+        probs.append(probs_E)
+        z_terms.append(torch.log(torch.exp(logits_E).sum()) ** 2)
+        y_D = torch.zeros_like(x_D)
+        for e, w in zip(idx, weights):
+            if capacity is None or counts[e] < capacity:
+                h_F = _silu(x_D @ experts.gate_EDF[e]) * (x_D @ experts.up_EDF[e])
+                y_D = y_D + w * (h_F @ experts.down_EFD[e])
+            else:
+                dropped += 1
+            counts[e] += 1
+        if layer.shared_experts is not None:
+            mlp = layer.shared_experts
+            shared_D = (_silu(mlp.gate_proj.weight @ x_D) * (mlp.up_proj.weight @ x_D)) @ mlp.down_proj.weight.T
+            if layer.shared_expert_gate is not None:
+                shared_D = shared_D / (1.0 + torch.exp(-(layer.shared_expert_gate.weight[0] @ x_D)))
+            y_D = y_D + shared_D
+        rows.append(y_D)
+    T = len(rows)
+    mean_prob_E = torch.stack(probs).mean(0)
+    aux = E * sum(counts[e] / (T * k) * mean_prob_E[e] for e in range(E))
+    z = torch.stack(z_terms).mean()
+    return (torch.stack(rows).reshape(x_BTD.shape), layer.aux_loss_coeff * aux, layer.z_loss_coeff * z,
+            counts, dropped)
+
+
+def _grads(loss, tensors):
+    grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
+
+
+def _check_against_reference(layer: MoELayer, x_BTD: torch.Tensor, capacity: int | None):
+    x_BTD = x_BTD.clone().requires_grad_(True)
+    tensors = [x_BTD] + [p for _, p in layer.named_parameters()]
+    names = ["x"] + [n for n, _ in layer.named_parameters()]
+    dy_BTD = torch.randn_like(x_BTD)
+
+    y_BTD, stats = layer(x_BTD)
+    grads = _grads((y_BTD * dy_BTD).sum() + stats.aux_loss + stats.z_loss, tensors)
+    ref_y, ref_aux, ref_z, ref_counts, ref_dropped = reference_moe(layer, x_BTD, capacity)
+    ref_grads = _grads((ref_y * dy_BTD).sum() + ref_aux + ref_z, tensors)
+
+    assert_rel_close("y", ref_y, y_BTD, 1e-5)
+    assert_rel_close("aux_loss", ref_aux, stats.aux_loss, 1e-5)
+    assert_rel_close("z_loss", ref_z, stats.z_loss, 1e-5)
+    assert stats.tokens_per_expert.dtype == torch.long
+    assert stats.tokens_per_expert.tolist() == ref_counts
+    assert int(stats.dropped) == ref_dropped
+    for name, ref_g, g in zip(names, ref_grads, grads):
+        assert_rel_close(f"grad {name}", ref_g, g, 1e-5)
+    return stats
+
+
+# ---------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("shared", list(SHARED))
+@pytest.mark.parametrize("router", MOE_ROUTERS)
+def test_layer_matches_per_token_loop(make_config, router, shared):
+    num_shared, gated = SHARED[shared]
+    layer = MoELayer(make_config(moe_router=router, num_shared_experts=num_shared, shared_expert_gate=gated))
+    if router == "sigmoid_bias":  # a nonzero balancing bias must steer selection in both paths
+        layer.router.expert_bias_E.copy_(0.2 * torch.randn(4))
+    stats = _check_against_reference(layer, torch.randn(2, 5, 8), capacity=None)
+    assert int(stats.dropped) == 0
+
+
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0])
+@pytest.mark.parametrize("router", ["softmax_topk", "mixtral"])
+def test_capacity_drops_match_token_order_loop(make_config, router, capacity_factor):
+    layer = MoELayer(make_config(moe_router=router, moe_capacity_factor=capacity_factor, num_shared_experts=1))
+    with torch.no_grad():  # skew the router so that some experts overflow at either factor
+        layer.router.weight[0] += 1.0
+    x_BTD = torch.randn(2, 6, 8) + 0.5
+    capacity = math.ceil(capacity_factor * 12 * 2 / 4)
+    stats = _check_against_reference(layer, x_BTD, capacity)
+    assert int(stats.dropped) > 0
+
+
+def test_load_balancing_and_z_loss_match_numpy_counts():
+    logits_TE = np.array([[2.0, 0.5, -1.0], [0.1, 0.3, 0.2], [-0.5, 1.5, 1.0], [3.0, -2.0, 0.0]])
+    topk_idx_TK = np.array([[0, 1], [1, 2], [1, 2], [0, 2]])
+    probs_TE = np.exp(logits_TE) / np.exp(logits_TE).sum(-1, keepdims=True)
+    T, E = logits_TE.shape
+    K = topk_idx_TK.shape[1]
+    counts = [0] * E
+    for row in topk_idx_TK:
+        for e in row:
+            counts[e] += 1
+    expected_aux = E * sum(counts[e] / (T * K) * probs_TE[:, e].mean() for e in range(E))
+    expected_z = np.mean([np.log(np.exp(row).sum()) ** 2 for row in logits_TE])
+
+    aux = load_balancing_loss(torch.tensor(probs_TE, dtype=torch.float32), torch.tensor(topk_idx_TK))
+    z = router_z_loss(torch.tensor(logits_TE, dtype=torch.float32))
+    assert_rel_close("aux_loss", torch.tensor(expected_aux), aux, 1e-6)
+    assert_rel_close("z_loss", torch.tensor(expected_z), z, 1e-6)
+
+
+def test_sigmoid_bias_update_follows_sign_of_load_gap(make_config):
+    layer = MoELayer(make_config(moe_router="sigmoid_bias", moe_bias_update_rate=0.01))
+    tokens_per_expert = torch.tensor([10, 2, 5, 3])
+    layer.update_bias(tokens_per_expert)
+    layer.update_bias(tokens_per_expert)
+    expected = 2 * 0.01 * np.sign(tokens_per_expert.numpy().mean() - tokens_per_expert.numpy())
+    assert_rel_close("expert_bias_E", torch.tensor(expected), layer.router.expert_bias_E, 1e-6)
+
+
+def test_sigmoid_bias_stays_fp32_when_layer_is_cast(make_config):
+    layer = MoELayer(make_config(moe_router="sigmoid_bias", moe_bias_update_rate=1e-3)).to(torch.bfloat16)
+    assert layer.router.weight.dtype == torch.bfloat16
+    layer.router.expert_bias_E.fill_(0.5)
+    layer.update_bias(torch.tensor([4, 0, 0, 0]))
+    expected = 0.5 + 1e-3 * np.sign(1.0 - np.array([4.0, 0.0, 0.0, 0.0]))  # not representable in bf16
+    assert_rel_close("expert_bias_E", torch.tensor(expected), layer.router.expert_bias_E, 1e-7)
+
+
+def test_sigmoid_bias_updates_reduce_imbalance(make_config):
+    layer = MoELayer(make_config(moe_router="sigmoid_bias", moe_bias_update_rate=0.02))
+    with torch.no_grad():
+        layer.router.weight[0] += 1.0
+    x_BTD = torch.randn(1, 32, 8) + 0.5
+    with torch.no_grad():
+        first = layer(x_BTD)[1].tokens_per_expert
+        for _ in range(40):
+            layer.update_bias(layer(x_BTD)[1].tokens_per_expert)
+        last = layer(x_BTD)[1].tokens_per_expert
+    assert int(first.max() - first.min()) >= 16  # the skew is real
+    assert int(last.max() - last.min()) <= int(first.max() - first.min()) // 2
+
+
+def test_sigmoid_bias_changes_selection_not_weights(make_config):
+    layer = MoELayer(make_config(moe_router="sigmoid_bias"))
+    x_TD = torch.randn(10, 8)
+    with torch.no_grad():
+        before = layer.router(x_TD)
+        layer.router.expert_bias_E[3] = 10.0  # far above any score gap: every token now picks expert 3
+        after = layer.router(x_TD)
+    assert (after.topk_idx_TK == 3).any(dim=-1).all()
+    assert not torch.equal(before.topk_idx_TK, after.topk_idx_TK)
+    scores_TE = torch.sigmoid(x_TD @ layer.router.weight.detach().T)
+    for routing in (before, after):  # weights are the unbiased scores of the chosen experts, normalised
+        chosen_TK = scores_TE.gather(1, routing.topk_idx_TK)
+        assert_rel_close("topk_weight", chosen_TK / chosen_TK.sum(-1, keepdim=True), routing.topk_weight_TK, 1e-6)
+
+
+def test_top_k_above_num_experts_rejected_by_config(make_config):
+    with pytest.raises(ValueError, match="moe_top_k"):
+        make_config(num_experts=4, moe_top_k=5)
+
+
+def test_router_registry_matches_config_routers():
+    assert sorted(ROUTERS) == sorted(MOE_ROUTERS)
+
+
+def test_swiglu_matches_transformers_llama_mlp():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    mlp = SwiGLU(8, 12)
+    llama = LlamaConfig(hidden_size=8, intermediate_size=12, num_attention_heads=2, num_key_value_heads=2,
+                        hidden_act="silu", mlp_bias=False)
+    reference = LlamaMLP(llama)
+    reference.load_state_dict(mlp.state_dict())
+    x_BTD = torch.randn(2, 3, 8)
+    assert_rel_close("swiglu", reference(x_BTD), mlp(x_BTD), 1e-6)

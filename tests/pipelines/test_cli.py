@@ -1,0 +1,89 @@
+"""``python -m linear_moe.pipelines``: help, argument validation, submit against local stand-ins."""
+import http.server
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from linear_moe.pipelines import cli, submit
+from linear_moe.pipelines import pipeline as pl
+
+
+def test_help_lists_the_three_commands():
+    out = subprocess.run([sys.executable, "-m", "linear_moe.pipelines", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for command in ("compile", "run-local", "submit"):
+        assert command in out.stdout
+
+
+def test_every_pipeline_parameter_is_a_flag():
+    args = cli.parser().parse_args(["run-local"])
+    assert cli._arguments(args) == pl.DEFAULTS
+    args = cli.parser().parse_args(["submit", "--host", "http://x", "--tensor-parallel", "2", "--use-trainjob"])
+    assert cli._arguments(args) == {**pl.DEFAULTS, "tensor_parallel": 2, "use_trainjob": True}
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_submit_unreachable_host_is_a_clear_error(monkeypatch, capsys, valid_mixer):
+    host = f"http://127.0.0.1:{_closed_port()}"
+    code = cli.main(["submit", "--host", host, "--lsm-mixer", valid_mixer])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert host in err and "unreachable" in err
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--preset", "huge"], "unknown preset"),
+    (["--layer-pattern", "LLQ"], "unknown symbol 'Q'"),
+    (["--tensor-parallel", "3", "--nodes", "1", "--gpus-per-node", "8"], "does not divide"),
+])
+def test_submit_rejects_bad_parameters_before_contacting_the_host(capsys, valid_mixer, argv, match):
+    host = f"http://127.0.0.1:{_closed_port()}"  # never reached: validation comes first
+    assert cli.main(["submit", "--host", host, "--lsm-mixer", valid_mixer, *argv]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "unreachable" not in err
+
+
+class _Healthz(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(401)  # an auth-protected KFP answers, which counts as reachable
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_submit_creates_a_run_and_returns_its_url(tmp_path):
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Healthz)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    calls = {}
+
+    class FakeClient:
+        def __init__(self, **kwargs):
+            calls["init"] = kwargs
+
+        def create_run_from_pipeline_package(self, path, **kwargs):
+            calls["run"] = (path, kwargs)
+            return type("Result", (), {"run_id": "run-123"})()
+
+    host = f"http://127.0.0.1:{server.server_port}/pipeline"
+    try:
+        package = tmp_path / "p.yaml"
+        package.write_text("{}")
+        url = submit.submit(str(package), host, {"steps": 5}, namespace="team-a", experiment="exp", token="tok",
+                            client_factory=FakeClient)
+    finally:
+        server.shutdown()
+    assert url == f"{host}/#/runs/details/run-123"
+    assert calls["init"] == {"host": host, "existing_token": "tok", "namespace": "team-a"}
+    path, kwargs = calls["run"]
+    assert path == str(package) and kwargs["arguments"] == {"steps": 5} and kwargs["experiment_name"] == "exp"
+    assert kwargs["service_account"] == "linear-moe-launcher"
