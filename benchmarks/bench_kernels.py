@@ -4,9 +4,10 @@
     python -m benchmarks.bench_kernels --device cuda --ops gla,delta_rule --out kernels_cuda.json
 
 Shapes: B=1, H=4, K=V=64 (``--heads``/``--head-dim``), T in ``--seq-lens``. Each case reports the
-median of ``--repeats`` timed calls after one warm-up; a case whose predicted time (extrapolated
-from its last measured length by its cost exponent: 1 for recurrences, 2 for T x T forms) exceeds
-``--max-seconds`` is skipped, with the reason recorded. On CUDA the peak allocated memory of each
+median of ``--repeats`` timed calls after one warm-up, the repeats taken round-robin over the
+lengths; a length whose predicted time (extrapolated from the last measured length by the case's
+cost exponent: 1 for recurrences, 2 for T x T forms) times the calls exceeds ``--max-seconds`` is
+skipped, with the reason recorded. On CUDA the peak allocated memory of each
 call is recorded too. The JSON is written atomically (temp file, then ``os.replace``).
 
 Ops are a registry: :func:`register_op` adds an :class:`OpSpec` (input factory + cases), so another
@@ -179,53 +180,63 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_thunk(thunk: Callable[[], Any], repeats: int, device: str) -> dict[str, Any]:
-    """One warm-up call, then ``repeats`` timed calls; seconds and (CUDA) peak memory."""
+def time_call(thunk: Callable[[], Any], device: str) -> tuple[float, float, int | None]:
+    """One timed call: wall seconds, process CPU seconds, and (CUDA) peak allocated bytes.
+
+    Process CPU time is robust to other processes sharing the cores; wall time is what users see.
+    """
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with torch.no_grad():
         thunk()
-        _sync(device)
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            thunk()
-            _sync(device)
-            times.append(time.perf_counter() - start)
-    result: dict[str, Any] = {"median_s": statistics.median(times), "times_s": times}
-    if device == "cuda":
-        result["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
-    return result
+    _sync(device)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return wall, cpu, (torch.cuda.max_memory_allocated() if device == "cuda" else None)
+
+
+def run_case(op: str, case: Case, spec: OpSpec, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One case at every T: a warm-up and a first timed call per T (shortest first; lengths predicted
+    to take too long are skipped), then the remaining repeats round-robin over the lengths, so that
+    drifting machine load hits every T alike."""
+    rows, thunks, samples = [], {}, {}
+    last: tuple[int, float] | None = None  # (T, seconds) of the longest length measured so far
+    for T in args.seq_lens:
+        row: dict[str, Any] = {"op": op, "case": case.name, "role": case.role, "variant": case.variant, "T": T}
+        rows.append(row)
+        predicted = None if last is None else last[1] * (T / last[0]) ** case.cost_exponent
+        if predicted is not None and predicted * (args.repeats + 1) > args.max_seconds:
+            row["skipped"] = (f"predicted {predicted:.1f} s per call (T^{case.cost_exponent} from {last[1]:.2f} s "
+                              f"at T={last[0]}) x {args.repeats + 1} calls > --max-seconds {args.max_seconds:g}")
+            continue
+        try:
+            thunk = case.build(spec.make_inputs(T, case.variant, args))
+            time_call(thunk, args.device)  # warm-up: autotuning, allocator, caches
+            samples[T] = [time_call(thunk, args.device)]
+        except (RuntimeError, ImportError, NotImplementedError, ValueError) as err:
+            row["skipped"] = f"{type(err).__name__}: {err}"[:300]
+            continue
+        thunks[T] = thunk
+        last = (T, samples[T][0][0])
+    for _ in range(args.repeats - 1):
+        for T, thunk in thunks.items():
+            samples[T].append(time_call(thunk, args.device))
+    for row in rows:
+        if row["T"] in samples:
+            walls, cpus, peaks = zip(*samples[row["T"]])
+            row |= {"median_s": statistics.median(walls), "times_s": list(walls), "median_cpu_s": statistics.median(cpus)}
+            if args.device == "cuda":
+                row["peak_mem_bytes"] = max(peaks)
+        print(_format_row(row), flush=True)
+    thunks.clear()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
 
 
 def run_op(op: str, spec: OpSpec, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Every case of ``op`` at every T, shortest first; predicted-too-slow cases are skipped."""
-    rows = []
-    for case in spec.cases:
-        if args.device not in case.devices:
-            continue
-        last: tuple[int, float] | None = None  # (T, median seconds) of the last measured length
-        for T in args.seq_lens:
-            row: dict[str, Any] = {"op": op, "case": case.name, "role": case.role, "variant": case.variant, "T": T}
-            predicted = None if last is None else last[1] * (T / last[0]) ** case.cost_exponent
-            per_call_budget = args.max_seconds / (args.repeats + 1)
-            if predicted is not None and predicted > per_call_budget:
-                row["skipped"] = (f"predicted {predicted:.1f} s per call (T^{case.cost_exponent} from "
-                                  f"{last[1]:.2f} s at T={last[0]}) x {args.repeats + 1} calls > "
-                                  f"--max-seconds {args.max_seconds:g}")
-            else:
-                try:
-                    row |= time_thunk(case.build(spec.make_inputs(T, case.variant, args)), args.repeats,
-                                      args.device)
-                    last = (T, row["median_s"])
-                except (RuntimeError, ImportError, NotImplementedError, ValueError) as err:
-                    row["skipped"] = f"{type(err).__name__}: {err}"[:300]
-                finally:
-                    if args.device == "cuda":
-                        torch.cuda.empty_cache()
-            print(_format_row(row), flush=True)
-            rows.append(row)
-    return rows
+    """Every case of ``op`` that runs on ``args.device``."""
+    return [row for case in spec.cases if args.device in case.devices for row in run_case(op, case, spec, args)]
 
 
 def _format_row(row: dict[str, Any]) -> str:
@@ -233,15 +244,16 @@ def _format_row(row: dict[str, Any]) -> str:
     if "skipped" in row:
         return f"{head}  skipped: {row['skipped']}"
     mem = f"  peak {row['peak_mem_bytes'] / 2**20:.0f} MiB" if "peak_mem_bytes" in row else ""
-    return f"{head}  {row['median_s'] * 1e3:10.2f} ms{mem}"
+    cpu = f"  (cpu {row['median_cpu_s'] * 1e3:.2f} ms)" if "median_cpu_s" in row else ""
+    return f"{head}  {row['median_s'] * 1e3:10.2f} ms{cpu}{mem}"
 
 
 def summarise(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     """naive/chunk at ``--ratio-T``, chunk(T_max)/chunk(T_max/2), and fla dispatch overhead."""
-    def median(op, role, variant, T):
+    def median(op, role, variant, T, key="median_s"):
         for r in rows:
-            if (r["op"], r["role"], r["variant"], r["T"]) == (op, role, variant, T) and "median_s" in r:
-                return r["median_s"]
+            if (r["op"], r["role"], r["variant"], r["T"]) == (op, role, variant, T) and key in r:
+                return r[key]
         return None
 
     def ratio(a, b):
@@ -257,6 +269,12 @@ def summarise(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
             f"chunk_T{T_top}_over_T{T_half}": ratio(median(op, "chunk", variant, T_top),
                                                     median(op, "chunk", variant, T_half)),
         }
+        if args.device == "cpu":
+            s[f"cpu_time_naive_over_chunk_T{args.ratio_t}"] = ratio(
+                median(op, "naive", variant, args.ratio_t, "median_cpu_s"),
+                median(op, "chunk", variant, args.ratio_t, "median_cpu_s"))
+            s[f"cpu_time_chunk_T{T_top}_over_T{T_half}"] = ratio(median(op, "chunk", variant, T_top, "median_cpu_s"),
+                                                                 median(op, "chunk", variant, T_half, "median_cpu_s"))
         if args.device == "cuda":
             s[f"fla_dispatch_over_direct_T{T_top}"] = ratio(median(op, "fla", variant, T_top),
                                                             median(op, "fla_direct", variant, T_top))

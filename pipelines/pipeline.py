@@ -13,8 +13,10 @@ evaluate   ``hf_model`` (Model), ``dataset`` (Dataset)         ``metrics`` (Metr
 
 Each step receives the pipeline parameters it declares, by name (``corpus`` gets ``data_location``);
 a required input that the pipeline cannot supply fails at compile time, naming the step.  The train
-component runs :func:`linear_moe.pipelines.trainjob.run_trainjob` when ``use_trainjob`` is true (the
-cluster) and :func:`linear_moe.components.train.train` in-process otherwise.
+component runs :func:`linear_moe.components.train.train` in-process when ``use_trainjob`` is false (local
+runs); in the cluster (true) it copies ``dataset`` under ``/workspace`` (the PVC mounted on the train
+task), calls :func:`linear_moe.pipelines.trainjob.run_trainjob` with ``data_dir``/``output_dir`` there,
+and copies the finished checkpoint into its ``checkpoint`` artifact.
 """
 
 import importlib

@@ -11,18 +11,24 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
+NOT_METRICS = ("sample_len",)  # numeric entries of lm-eval's per-task results that are counts, not metrics
+
+
 def _offline_env() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("DISABLE_MULTIPROC", "1")  # lm-eval's bootstrap stderr: no process pool
 
 
-def make_task_manager(tasks_dir: Path, standard_tasks: Sequence[str]):
-    """A ``TaskManager`` over ``tasks_dir``; lm-eval's own task index (slow to build) only when
-    standard tasks are requested. Checks every standard task's name and that its data loads."""
+def make_task_manager(tasks_dir: Path, standard_tasks: Sequence[str], include_defaults: bool | None = None):
+    """A ``TaskManager`` over ``tasks_dir`` (and lm-eval's own tasks if ``include_defaults``;
+    ``None`` = only when standard tasks are requested: that index takes seconds to build).
+    Checks every standard task's name and that its data loads."""
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(tasks_dir), include_defaults=bool(standard_tasks))
+    if include_defaults is None:
+        include_defaults = bool(standard_tasks)
+    manager = TaskManager(include_path=str(tasks_dir), include_defaults=include_defaults)
     for name in standard_tasks:
         if name not in manager.all_tasks:
             raise ValueError(f"task {name!r}: not an lm-eval task, group or tag "
@@ -84,7 +90,8 @@ def metric_rows(results: dict) -> list[tuple[str, str, float, float | None]]:
     for task, metrics in results["results"].items():
         for key, value in metrics.items():
             metric, _, filt = key.partition(",")
-            if metric.endswith("_stderr") or not isinstance(value, (int, float)) or isinstance(value, bool):
+            if metric.endswith("_stderr") or metric in NOT_METRICS or not isinstance(value, (int, float)) \
+                    or isinstance(value, bool):
                 continue
             stderr = metrics.get(f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr")
             name = metric if filt in ("", "none") else f"{metric}_{filt}"

@@ -71,7 +71,7 @@ def eval_metrics_png(rows: Sequence[Row]) -> bytes | None:
     for ax, (title, panel_rows, log) in zip(axes, panels):
         labels = [f"{task} / {metric}" for task, metric, _, _ in panel_rows]
         values = [value for _, _, value, _ in panel_rows]
-        errors = [stderr or 0.0 for *_, stderr in panel_rows]
+        errors = None if log else [stderr or 0.0 for *_, stderr in panel_rows]  # +-stderr: not for log axes
         bars = ax.barh(labels, values, xerr=errors, color="tab:blue", alpha=0.8)
         ax.bar_label(bars, labels=[_fmt(v) for v in values], padding=3, fontsize=8)
         if log and all(v > 0 for v in values):
@@ -107,6 +107,9 @@ def expert_load_png(records: Sequence[dict]) -> bytes | None:
         for i, layer in enumerate(load):
             for e, value in enumerate(layer):
                 ax.text(e, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="w")
+    ax.set_yticks(range(len(load_LE)))
+    if width <= 32:
+        ax.set_xticks(range(width))
     ax.set(xlabel="expert", ylabel="MoE layer", title=f"Expert load at step {step}")
     return _png(fig)
 
@@ -137,7 +140,8 @@ def render_html(*, title: str, rows: Sequence[Row], plots: dict[str, bytes], sam
                      "</figcaption></figure>" for name, png in plots.items()) or "<p>No plots.</p>"
     sample_html = "".join(
         f"<h3>Sample {i + 1}</h3><pre>{esc(s['prompt'])}<span class=\"continuation\">{esc(s['continuation'])}"
-        "</span></pre>" for i, s in enumerate(samples)) or "<p>No samples.</p>"
+        f"</span></pre><p>True continuation: {esc(s.get('reference', ''))}</p>"
+        for i, s in enumerate(samples)) or "<p>No samples.</p>"
     summary_html = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in summary.items())
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title><style>{_STYLE}</style></head>
@@ -155,13 +159,15 @@ def render_html(*, title: str, rows: Sequence[Row], plots: dict[str, bytes], sam
 
 
 def write_plots(plot_dir: Path, rows: Sequence[Row], train_records: Sequence[dict]) -> dict[str, bytes]:
-    """Render the plots that have data, write each PNG (atomically) into ``plot_dir``;
-    returns ``{file name: png bytes}``."""
+    """Render the plots that have data and write each PNG (atomically) into ``plot_dir``;
+    returns ``{file name: png bytes}`` of those."""
     from linear_moe.components.evaluate.files import atomic_write_bytes
 
     rendered = {METRICS_PLOT: eval_metrics_png(rows), LOSS_PLOT: loss_curve_png(train_records),
                 EXPERT_LOAD_PLOT: expert_load_png(train_records)}
-    plots = {name: png for name, png in rendered.items() if png is not None}
-    for name, png in plots.items():
-        atomic_write_bytes(Path(plot_dir) / name, png)
-    return plots
+    for name, png in rendered.items():
+        if png is not None:
+            atomic_write_bytes(Path(plot_dir) / name, png)
+        else:  # no data this run: drop a previous run's plot so the directory matches the report
+            (Path(plot_dir) / name).unlink(missing_ok=True)
+    return {name: png for name, png in rendered.items() if png is not None}

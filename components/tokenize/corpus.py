@@ -10,9 +10,9 @@ What a document is:
 * ``.txt``: blank-line-separated paragraphs grouped in file order until a group reaches
   ``doc_chars`` characters (one file per document would be too coarse for a document-level split).
   The document is the raw text of its paragraphs, blank lines between them kept, surrounding
-  whitespace stripped; line endings are normalised to ``\\n``. A paragraph that grows past
-  ``4 * doc_chars`` is cut at a line boundary (or inside a line longer than ``doc_chars``) so that
-  memory stays bounded. Documents never span files.
+  whitespace stripped; line endings are normalised to ``\\n``. When no paragraph ends within
+  ``4 * doc_chars`` characters the document is cut at the last line end before that (inside the
+  line if there is none), so memory stays bounded. Documents never span files.
 * ``.jsonl`` / ``.jsonl.gz``: one record per line, the document is ``record[text_field]``.
 * ``.parquet``: one row per document, column ``text_field``.
 
@@ -27,6 +27,7 @@ import glob
 import gzip
 import io
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,33 +69,37 @@ def _open_text(path: Path, compressed: bool) -> io.TextIOWrapper:
 Reader = Callable[[Path, str, int], Iterator[tuple[int, str]]]
 
 
+_BLANK_LINE = re.compile(r"^[^\S\n]*\n", re.MULTILINE)  # a whitespace-only line, newline included
+_BLOCK_CHARS = 1 << 20  # characters read at a time from a .txt file
+
+
 def _read_txt(path: Path, text_field: str, doc_chars: int) -> Iterator[tuple[int, str]]:
     del text_field  # plain text has no fields
     hard_limit = 4 * doc_chars
-    pieces: list[str] = []
-    size = 0
-    line_no = 0
-    first_line = 1
+    buf, start, line_no, eof = "", 0, 1, False
     with _open_text(path, compressed=False) as f:
         while True:
-            chunk = f.readline(doc_chars)  # at most doc_chars characters: bounded memory
-            if not chunk:
-                break
-            if not pieces:
-                first_line = line_no + 1
-            if chunk.endswith("\n"):
-                line_no += 1
-            blank = not chunk.strip()
-            pieces.append(chunk)
-            size += len(chunk)
-            if (blank and size >= doc_chars) or size >= hard_limit:
-                text = "".join(pieces).strip()
-                pieces, size = [], 0
-                if text:
-                    yield first_line, text
-        text = "".join(pieces).strip()
-        if text:
-            yield first_line, text
+            if not eof and len(buf) - start < hard_limit:  # keep at least one hard_limit buffered
+                block = f.read(max(_BLOCK_CHARS, hard_limit))
+                buf, start, eof = buf[start:] + block, 0, not block
+                continue
+            if start >= len(buf):
+                return
+            cut = None
+            for match in _BLANK_LINE.finditer(buf, start, start + hard_limit):  # first blank line past doc_chars
+                if match.end() - start >= doc_chars:
+                    cut = match.end()
+                    break
+            if cut is None:
+                if len(buf) - start >= hard_limit:  # paragraph too long: cut at a line end, else mid-line
+                    cut = buf.rfind("\n", start, start + hard_limit) + 1 or start + hard_limit
+                else:  # end of file
+                    cut = len(buf)
+            text = buf[start:cut].strip()
+            if text:
+                yield line_no, text
+            line_no += buf.count("\n", start, cut)
+            start = cut
 
 
 def _read_jsonl(path: Path, text_field: str, doc_chars: int, compressed: bool = False) -> Iterator[tuple[int, str]]:

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from safetensors.torch import load_file, save_file
 
 STEP_DIR = re.compile(r"^step_(\d{7})$")
 STATE_FILE = "train_state.json"
+#: seconds to wait between writing a checkpoint and committing it (tests kill the run in this window)
+COMMIT_DELAY_ENV = "LINEAR_MOE_CHECKPOINT_COMMIT_DELAY_S"
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -59,6 +62,8 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: list[torch.nn.Mod
     dist_checkpointing.save(_sharded_state_dict(model_chunks), str(partial / "model"))
     _save_optimizer(optimizer, partial / "optimizer", rank)
     dist.barrier()
+    if COMMIT_DELAY_ENV in os.environ:  # fault injection for the kill-and-resume test
+        time.sleep(float(os.environ[COMMIT_DELAY_ENV]))
     if rank == 0:
         _write_json_atomic(partial / STATE_FILE, {**train_state, "step": step})
         if final.exists():

@@ -5,10 +5,9 @@ One code path for CPU (gloo, fp32) and GPU (nccl, bf16): only the backend and dt
 from __future__ import annotations
 
 import json
-import math
+import os
 import resource
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch.distributed as dist
 
 from linear_moe.components.train import checkpoint as ckpt
 from linear_moe.components.train.config import TrainConfig
-from linear_moe.components.train.data import build_datasets, microbatches, read_tokenizer_info
+from linear_moe.components.train.data import build_datasets, check_dataset, microbatches, read_tokenizer_info
 from linear_moe.components.train.distributed import init_process_group
 from linear_moe.components.train.metrics import MetricsLogger
 from linear_moe.components.train.schedule import lr_at
@@ -29,21 +28,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     from linear_moe.model.megatron import ParallelSizes, destroy_parallel, initialize_parallel
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    model_config, tokenizer, latest = preflight(config, world)
     rank, world = init_process_group()
     dp_size = config.data_parallel(world)
-    if config.sequence_parallel > 1:
-        raise ValueError("TrainConfig.sequence_parallel > 1 is not wired into the training loop yet; "
-                         "LASP-2 is available as model/parallel/sequence_parallel.py")
-    model_config = config.model_config()
-    tokenizer = read_tokenizer_info(config.data_dir)
-    if tokenizer.vocab_size > model_config.vocab_size:
-        raise ValueError(
-            f"the tokenizer in {config.data_dir}/tokenizer has {tokenizer.vocab_size} tokens but the model's "
-            f"vocab_size is {model_config.vocab_size}; set model_overrides.vocab_size >= {tokenizer.vocab_size}"
-        )
     output_dir = Path(config.output_dir)
     checkpoint_root = output_dir / "checkpoints"
-    latest = ckpt.latest_complete(checkpoint_root) if config.resume else None
 
     initialize_parallel(ParallelSizes(tensor=config.tensor_parallel, pipeline=config.pipeline_parallel,
                                       expert=config.expert_parallel), seed=config.seed)
@@ -53,9 +43,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         optimizer = _build_optimizer(model, config)
         start_step = 0
         if latest is not None:
-            state = ckpt.load_checkpoint(latest, model.chunks, optimizer)
-            _check_same_model(state.get("model_config", {}), model_config.to_dict(), latest)
-            start_step = state["step"]
+            start_step = ckpt.load_checkpoint(latest, model.chunks, optimizer)["step"]
         dp_rank = ps.get_data_parallel_rank()
         train_ds, valid_ds = build_datasets(
             config.data_dir, seq_length=config.seq_length, seed=config.seed,
@@ -105,6 +93,33 @@ def train(config: TrainConfig) -> dict[str, Any]:
         return {"step": config.steps, **record}
     finally:
         destroy_parallel()
+
+
+def preflight(config: TrainConfig, world_size: int):
+    """Every check that needs no process group: parallel sizes, dataset, tokenizer, checkpoint.
+
+    Returns ``(model_config, tokenizer_info, latest_checkpoint_or_None)``; raises ``ValueError``
+    naming the problem before anything is started.
+    """
+    config.data_parallel(world_size)
+    if config.sequence_parallel > 1:
+        raise ValueError("TrainConfig.sequence_parallel > 1 is not wired into the training loop yet; "
+                         "LASP-2 is available as model/parallel/sequence_parallel.py")
+    model_config = config.model_config()
+    tokenizer = read_tokenizer_info(config.data_dir)
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise ValueError(
+            f"the tokenizer in {config.data_dir}/tokenizer has {tokenizer.vocab_size} tokens but the model's "
+            f"vocab_size is {model_config.vocab_size}; set model_overrides.vocab_size >= {tokenizer.vocab_size}"
+        )
+    from linear_moe.components.tokenize import split_prefix
+
+    check_dataset(Path(split_prefix(config.data_dir, "train")))
+    latest = ckpt.latest_complete(Path(config.output_dir) / "checkpoints") if config.resume else None
+    if latest is not None:
+        saved = json.loads((latest / ckpt.STATE_FILE).read_text()).get("model_config", {})
+        _check_same_model(saved, model_config.to_dict(), latest)
+    return model_config, tokenizer, latest
 
 
 def _build_model(model_config, config: TrainConfig):

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from linear_moe.kernels.backend import resolve_backend
-from linear_moe.kernels.gla.checks import check_gla_inputs, decay_kind
+from linear_moe.kernels.gla.checks import decay_kind
 from linear_moe.kernels.gla.chunk import chunk_gla
 from linear_moe.kernels.gla.fla_dispatch import fla_gla
 from linear_moe.kernels.gla.naive import naive_gla
@@ -47,8 +47,7 @@ def gla(
     Returns:
         o (B, T, H, V) in v's dtype, and the final state (N, H, K, V) fp32 if requested, else None.
     """
-    check_gla_inputs(q, k, v, g, u, initial_state, cu_seqlens)
-    run = GLA_BACKENDS[resolve_backend(backend, q)]
+    run = GLA_BACKENDS[resolve_backend(backend, q)]  # each backend checks the inputs itself
     return run(
         q, k, v, g, u=u, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
         cu_seqlens=cu_seqlens, chunk_size=chunk_size,

@@ -33,11 +33,13 @@ def transformer_config(
     *,
     params_dtype: torch.dtype | None = None,
     recompute: str | None = None,
+    moe_grouped_gemm: bool | None = None,
     **overrides: Any,
 ):
     """Build the megatron ``TransformerConfig`` for ``model_config`` under ``parallel``.
 
-    fp32 on CPU, bf16 on GPU unless ``params_dtype`` says otherwise. Sequence parallelism is on
+    fp32 on CPU, bf16 on GPU unless ``params_dtype`` says otherwise. ``moe_grouped_gemm=None`` turns
+    grouped-GEMM experts on when CUDA and the ``grouped_gemm`` package are present (CPU has neither). Sequence parallelism is on
     whenever ``parallel.tensor > 1`` (megatron's MoE requires it with TP, and the mixer adapter relies
     on it to sum replicated-parameter gradients). ``overrides`` are passed to ``TransformerConfig``
     last (e.g. ``moe_token_dispatcher_type="allgather"``).
@@ -58,6 +60,8 @@ def transformer_config(
             f"ModelConfig.num_layers={mc.num_layers} must be divisible by pipeline parallel {parallel.pipeline}"
         )
     on_gpu = torch.cuda.is_available()
+    if moe_grouped_gemm is None:
+        moe_grouped_gemm = on_gpu and _grouped_gemm_available()
     if params_dtype is None:
         params_dtype = torch.bfloat16 if on_gpu else torch.float32
     has_moe = any(kind.is_moe for kind in mc.layer_kinds)
@@ -114,9 +118,15 @@ def transformer_config(
             moe_expert_capacity_factor=mc.moe_capacity_factor,
             moe_router_bias_update_rate=mc.moe_bias_update_rate,
             moe_token_dispatcher_type="alltoall",
-            moe_grouped_gemm=on_gpu,
+            moe_grouped_gemm=moe_grouped_gemm,
             moe_router_dtype="fp32",
             **ROUTERS[mc.moe_router],
         )
     fields.update(overrides)
     return TransformerConfig(**fields)
+
+
+def _grouped_gemm_available() -> bool:
+    from megatron.core.transformer.moe import grouped_gemm_util
+
+    return grouped_gemm_util.grouped_gemm_is_available()

@@ -17,13 +17,20 @@ def build_gpt_model(model_config: ModelConfig, config, attention_mixer: str = "a
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
+    import torch
+
     pipeline_size = parallel_state.get_pipeline_model_parallel_world_size()
+    if model_config.tie_word_embeddings and pipeline_size > 1 and not torch.cuda.is_available():
+        # megatron syncs the two copies of a tied embedding with weight.data.cuda()
+        raise ValueError("ModelConfig.tie_word_embeddings=True with pipeline parallel > 1 needs CUDA; "
+                         "untie the embeddings or use pipeline parallel 1 on CPU")
     pipeline_rank = parallel_state.get_pipeline_model_parallel_rank()
     if config.num_layers != model_config.num_layers:
         raise ValueError(f"TransformerConfig.num_layers={config.num_layers} != ModelConfig.num_layers={model_config.num_layers}")
     return GPTModel(
         config=config,
-        transformer_layer_spec=block_spec(model_config, pipeline_size, pipeline_rank, attention_mixer),
+        transformer_layer_spec=block_spec(model_config, pipeline_size, pipeline_rank, attention_mixer,
+                                          moe_grouped_gemm=bool(config.moe_grouped_gemm)),
         vocab_size=model_config.vocab_size,
         max_sequence_length=model_config.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),

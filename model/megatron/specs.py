@@ -19,17 +19,19 @@ MIXER_NAMES: dict[str, Callable[[ModelConfig, str], str]] = {
 FFN_HAS_EXPERTS: dict[str, bool] = {"moe": True, "dense": False}
 
 
-def layer_spec(kind: LayerKind, model_config: ModelConfig, attention_mixer: str = "attention") -> ModuleSpec:
+def layer_spec(kind: LayerKind, model_config: ModelConfig, attention_mixer: str = "attention",
+               moe_grouped_gemm: bool = False) -> ModuleSpec:
     """Megatron's local (no Transformer Engine) GPT layer with our mixer in the self-attention slot.
 
     Dense layers use megatron's SwiGLU ``MLP``; MoE layers its ``MoELayer`` (router, token
-    dispatcher, ``SequentialMLP`` experts, optional shared experts).
+    dispatcher, ``SequentialMLP`` experts or ``GroupedMLP`` with ``moe_grouped_gemm``, optional
+    shared experts).
     """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     spec = get_gpt_layer_local_spec(
         num_experts=model_config.num_experts if FFN_HAS_EXPERTS[kind.ffn] else None,
-        moe_grouped_gemm=False,
+        moe_grouped_gemm=moe_grouped_gemm,
         normalization="RMSNorm",
     )
     mixer_name = MIXER_NAMES[kind.mixer](model_config, attention_mixer)
@@ -51,11 +53,12 @@ def stage_layers(model_config: ModelConfig, pipeline_size: int, pipeline_rank: i
 
 
 def block_spec(model_config: ModelConfig, pipeline_size: int = 1, pipeline_rank: int = 0,
-               attention_mixer: str = "attention"):
+               attention_mixer: str = "attention", moe_grouped_gemm: bool = False):
     """``TransformerBlockSubmodules`` with the specs of this stage's layers and the final RMSNorm."""
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     kinds = parse_layer_pattern(model_config.layer_pattern, model_config.num_layers)
-    local = [layer_spec(kinds[i], model_config, attention_mixer) for i in stage_layers(model_config, pipeline_size, pipeline_rank)]
+    local = [layer_spec(kinds[i], model_config, attention_mixer, moe_grouped_gemm)
+             for i in stage_layers(model_config, pipeline_size, pipeline_rank)]
     final_norm = layer_spec(kinds[-1], model_config, attention_mixer).submodules.input_layernorm
     return TransformerBlockSubmodules(layer_specs=local, layer_norm=final_norm)

@@ -31,7 +31,8 @@ def masked_mean_loss(loss_mask_BT: torch.Tensor, per_token_loss_BT: torch.Tensor
     """Mean of the per-token loss over unmasked tokens; megatron's ``loss_func`` contract."""
     mask = loss_mask_BT.to(per_token_loss_BT.dtype)
     loss = (per_token_loss_BT.float() * mask).sum() / mask.sum().clamp(min=1)
-    return loss, {"lm loss": loss.detach()}
+    # clone: megatron divides the returned loss in place by the number of micro-batches
+    return loss, {"lm loss": loss.detach().clone()}
 
 
 def lm_forward_step(data_iterator, model):

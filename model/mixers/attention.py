@@ -14,7 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from linear_moe.model.mixers.base import SINGLE_DEVICE, Linears, Mixer, MixerState, register_mixer
-from linear_moe.model.mixers.common import apply_rope, check_varlen, merge_heads, sequence_ids, split_heads, token_positions
+from linear_moe.model.mixers.common import (
+    apply_rope,
+    check_varlen,
+    merge_heads,
+    sequence_ids,
+    split_heads,
+    token_positions,
+)
 
 
 def causal_mask(T: int, S: int, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:

@@ -82,7 +82,9 @@ def positions_in_sequence(cu_seqlens: torch.Tensor) -> torch.Tensor:
     return torch.arange(ids.numel(), device=cu_seqlens.device) - cu_seqlens[ids]
 
 
-def token_positions(x_BT: torch.Tensor, cu_seqlens: torch.Tensor | None, offset_N: torch.Tensor | None = None) -> torch.Tensor:
+def token_positions(
+    x_BT: torch.Tensor, cu_seqlens: torch.Tensor | None, offset_N: torch.Tensor | None = None
+) -> torch.Tensor:
     """``(B, T)`` int64 positions: ``offset_N[n] + t``, restarting at each packed document.
 
     ``offset_N`` (one entry per sequence/document) continues positions after an earlier segment.

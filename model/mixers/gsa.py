@@ -13,7 +13,6 @@ tails ``"conv_q"``, ``"conv_k"``, ``"conv_v"``.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from linear_moe.kernels.gla import gla

@@ -55,7 +55,9 @@ class Mamba2(Mixer):
     @classmethod
     def validate_config(cls, config) -> None:
         if config.state_size <= 0:
-            raise ValueError(f"ModelConfig.state_size: mamba2 needs a positive SSM state width, got {config.state_size}")
+            raise ValueError(
+                f"ModelConfig.state_size: mamba2 needs a positive SSM state width, got {config.state_size}"
+            )
 
     def forward(self, x_BTD, state: MixerState | None = None, cu_seqlens=None, output_state: bool = False):
         check_varlen(x_BTD, cu_seqlens)

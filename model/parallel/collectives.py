@@ -56,8 +56,8 @@ def count_collectives() -> Iterator[CollectiveLog]:
     def wrap(name, fn):
         @functools.wraps(fn)
         def counted(*args, **kwargs):
-            payload = args[_COUNTED_OPS[name]] if len(args) > _COUNTED_OPS[name] else kwargs.get("tensor",
-                                                                                                 kwargs.get("input_tensor"))
+            index = _COUNTED_OPS[name]
+            payload = args[index] if len(args) > index else kwargs.get("tensor", kwargs.get("input_tensor"))
             log.records.append(CollectiveRecord(name, _nbytes(payload), dist.get_world_size(kwargs.get("group"))))
             return fn(*args, **kwargs)
 

@@ -272,10 +272,14 @@ def _segments(cu_seqlens, initial_state, output_final_state, group, B: int, T: i
 
 
 def _mask_map(a_r: torch.Tensor, b_r: torch.Tensor, seg: LocalSegments) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero what a document boundary cuts: a_r after an inner document start, both at a chunk-end reset."""
+    """Zero what a document boundary cuts: a_r after an inner document start, both at a chunk-end reset.
+
+    Multiplying by zero (not ``zeros_like``) keeps the exchange in the autograd graph on every rank,
+    so that its backward all-gather runs everywhere.
+    """
     if not seg.carries_out:
-        return torch.zeros_like(a_r), torch.zeros_like(b_r)
-    return (a_r if seg.single_segment else torch.zeros_like(a_r)), b_r
+        return a_r * 0, b_r * 0
+    return (a_r if seg.single_segment else a_r * 0), b_r
 
 
 def _initial(initial_state, B: int, H: int, K: int, V: int, ref: torch.Tensor) -> torch.Tensor:

@@ -109,6 +109,17 @@ def test_txt_documents_are_paragraph_groups_of_the_file(corpus_dir):
     assert text[position:].strip() == ""
 
 
+def test_txt_long_paragraphs_are_cut_with_bounded_size(tmp_path):
+    """A paragraph with no blank line (many lines, then one huge line) becomes documents of at most
+    4 * doc_chars characters that together hold all of the text."""
+    lines = "".join(f"line {i} of a very long paragraph\n" for i in range(300)) + "x" * 5000 + "\n\nend\n"
+    path = tmp_path / "long.txt"
+    path.write_text(lines)
+    docs = list(Corpus([path], tmp_path, doc_chars=500).documents())
+    assert max(len(d) for d in docs) <= 2000 and len(docs) > 5
+    assert "".join(docs).replace("\n", "") == lines.replace("\n", "")
+
+
 def test_gpt_dataset_reads_output(tokenized, tmp_path):
     """megatron's BlendedMegatronDatasetBuilder + GPTDataset read the splits on CPU: sample tokens are
     windows over whole documents separated by the end-of-document token."""
@@ -335,6 +346,19 @@ def test_failed_run_keeps_previous_output_and_leaves_no_temp(tokenized, corpus_d
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_output_inside_corpus_dir_is_not_read_back(tmp_path):
+    """Rerunning with the output inside the corpus directory (its test.jsonl would be input) gives
+    the same bytes as the first run."""
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text("".join(json.dumps({"text": f"doc {i} " * 5}) + "\n" for i in range(20)))
+    args = dict(vocab_size=300, valid_fraction=0.2, test_fraction=0.2, progress=False)
+    tokenize(corpus / "out", corpus, **args)
+    first = _read_tree(corpus / "out")
+    tokenize(corpus / "out", corpus, **args)
+    assert _read_tree(corpus / "out") == first
+
+
 def test_too_few_documents_for_the_split(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_text(json.dumps({"text": "only one"}) + "\n" + json.dumps({"text": "and two"}) + "\n")
@@ -343,6 +367,7 @@ def test_too_few_documents_for_the_split(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ KFP, DVC
+@pytest.mark.filterwarnings("ignore:You may be attemping:RuntimeWarning")  # base_image is ignored locally
 def test_kfp_component_runs_locally_and_matches_function(tokenized, corpus_dir, tmp_path):
     """The KFP component under kfp.local (subprocess runner) writes the same dataset as the function
     and logs the stats as metrics."""

@@ -123,6 +123,21 @@ def test_bf16_bit_conversion_matches_torch():
     np.testing.assert_array_equal(bf16_bits_to_f32(bits[1:]), x.bfloat16().float().numpy()[1:])
 
 
+def test_enable_after_compiled_kernels_were_imported_is_refused(monkeypatch):
+    import os
+
+    from linear_moe.kernels.triton_cpu import enable_triton_interpreter, interpreter_enabled
+
+    if interpreter_enabled():
+        pytest.skip("this process already runs Triton interpreted")
+    import linear_moe.kernels.lasp.compose  # noqa: F401 - decorates its kernels in compiled mode here
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="before TRITON_INTERPRET=1"):
+        enable_triton_interpreter()
+    assert "TRITON_INTERPRET" not in os.environ
+
+
 def test_registry_lists_every_patch():
     assert set(FAILURE_WITHOUT_PATCH) == set(PATCHES)
 

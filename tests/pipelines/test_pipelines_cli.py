@@ -87,3 +87,17 @@ def test_submit_creates_a_run_and_returns_its_url(tmp_path):
     path, kwargs = calls["run"]
     assert path == str(package) and kwargs["arguments"] == {"steps": 5} and kwargs["experiment_name"] == "exp"
     assert kwargs["service_account"] == "linear-moe-launcher"
+
+
+def test_compile_command_writes_the_ir(monkeypatch, tmp_path, capsys):
+    import yaml
+
+    from test_pipeline_dag import STUBS
+
+    monkeypatch.setattr(pl, "load_component", lambda step: STUBS[step])
+    out = tmp_path / "p.yaml"
+    assert cli.main(["compile", "-o", str(out), "--train-gpus", "2", "--no-cache"]) == 0
+    spec = next(yaml.safe_load_all(out.read_text()))
+    resources = spec["deploymentSpec"]["executors"]["exec-train-component"]["container"]["resources"]
+    assert resources["accelerator"]["resourceCount"] == "2"
+    assert not any(t.get("cachingOptions", {}).get("enableCache") for t in spec["root"]["dag"]["tasks"].values())

@@ -1,0 +1,268 @@
+"""Sequence-parallel costs: communicated bytes per layer vs sequence length, and (CUDA) kernel overheads.
+
+    python -m benchmarks.bench_sp --out benchmarks/results/sp_cpu.json
+    python -m benchmarks.bench_sp --device cuda --out benchmarks/results/sp_cuda.json
+
+Communication (``comm``), per layer and training step, for each SP size in ``--world`` and global
+length in ``--seq-lens``, analytic and measured on gloo with ``count_collectives``:
+
+* ``lasp2_gla`` / ``lasp2_delta_rule``: one all-gather of (a_r, b_r) forward, one of dS_in backward;
+  independent of T;
+* ``lasp2_attention`` (LASP-2H): all-gather of K and V forward, its reduce-scatter (all-to-all) backward;
+* ``ring_kv``: a ring-attention style exchange passing each rank's K, V around W - 1 times (forward
+  pass; its backward also circulates dK, dV).
+
+Bytes are reported two ways: ``gathered`` (size of what an all-gather assembles on each rank, W x
+payload) and ``sent_per_rank`` (what one rank puts on the wire: (W - 1) x payload for a ring
+all-gather or an all-to-all, the sum of its sends for the ring exchange).
+
+CUDA only (``--device cuda``): ``sp1_overhead`` times forward+backward of plain fla ``chunk_gla``,
+the SP=1 path (``lasp2_gla`` without a group) and one rank's LASP-2 compute without communication
+(zero-state run + transition + fused correction); ``correction`` times the Triton state correction
+against its PyTorch reference. The JSON is written atomically (temp file, then ``os.replace``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------------------------- analytic sizes
+def analytic_bytes(kind: str, W: int, T: int, B: int, H: int, K: int, V: int, itemsize: int) -> dict[str, int]:
+    """Per-rank bytes of one layer's forward (and backward) exchange; T is the global length."""
+    t_local = T // W
+    if kind in ("lasp2_gla", "lasp2_delta_rule"):
+        a = K if kind == "lasp2_gla" else K * K
+        fwd_payload, bwd_payload = B * H * (K * V + a) * 4, B * H * K * V * 4  # states travel in fp32
+        return {"fwd_gathered": W * fwd_payload, "bwd_gathered": W * bwd_payload,
+                "fwd_sent_per_rank": (W - 1) * fwd_payload, "bwd_sent_per_rank": (W - 1) * bwd_payload}
+    kv = B * t_local * H * (K + V) * itemsize
+    if kind == "lasp2_attention":
+        return {"fwd_gathered": W * kv, "fwd_sent_per_rank": (W - 1) * kv, "bwd_sent_per_rank": (W - 1) * kv}
+    if kind == "ring_kv":
+        return {"fwd_sent_per_rank": (W - 1) * kv, "bwd_sent_per_rank": 2 * (W - 1) * kv}
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+# ---------------------------------------------------------------------------------- measured on gloo
+def _ring_kv(k, v, group):
+    """Pass K, V around the ring W - 1 times (what ring attention does per layer, forward)."""
+    W, rank = dist.get_world_size(group), dist.get_rank(group)
+    cur = torch.cat([k, v], dim=-1).contiguous()
+    for _ in range(W - 1):
+        nxt = torch.empty_like(cur)
+        send = dist.isend(cur, (rank + 1) % W, group=group)
+        recv = dist.irecv(nxt, (rank - 1) % W, group=group)
+        send.wait()
+        recv.wait()
+        cur = nxt
+    return cur
+
+
+def _measure(kind: str, group, t_local: int, B: int, H: int, K: int, V: int) -> dict[str, int]:
+    from linear_moe.model.parallel import count_collectives, lasp2_attention, lasp2_delta_rule, lasp2_gla
+
+    q, k = torch.randn(B, t_local, H, K, requires_grad=True), torch.randn(B, t_local, H, K, requires_grad=True)
+    v = torch.randn(B, t_local, H, V, requires_grad=True)
+    W = dist.get_world_size(group)
+    calls: dict[str, Callable[[], torch.Tensor]] = {
+        "lasp2_gla": lambda: lasp2_gla(q, k, v, F.logsigmoid(torch.randn(B, t_local, H, K)), group=group,
+                                       backend="chunk", lasp_backend="torch")[0],
+        "lasp2_delta_rule": lambda: lasp2_delta_rule(q, F.normalize(k, dim=-1), v, torch.rand(B, t_local, H),
+                                                     group=group, backend="chunk", lasp_backend="torch")[0],
+        "lasp2_attention": lambda: lasp2_attention(q, k, v, group=group),
+        "ring_kv": lambda: _ring_kv(k, v, group),
+    }
+    with count_collectives() as fwd:
+        out = calls[kind]()
+    measured = {"fwd_sent_per_rank": sum(r.payload_bytes * (W - 1) for r in fwd.records if r.op == "all_gather")
+                + fwd.total("payload_bytes", "isend")}
+    if kind != "ring_kv":
+        measured["fwd_gathered"] = fwd.total("gathered_bytes", "all_gather")
+        with count_collectives() as bwd:
+            out.sum().backward()
+        if kind in ("lasp2_gla", "lasp2_delta_rule"):
+            measured["bwd_gathered"] = bwd.total("gathered_bytes", "all_gather")
+        # all-to-all: a rank keeps its own 1/W of the payload and sends the rest
+        measured["bwd_sent_per_rank"] = (sum(r.payload_bytes * (W - 1) for r in bwd.records if r.op == "all_gather")
+                                         + sum(r.payload_bytes * (W - 1) // W for r in bwd.records
+                                               if r.op == "all_to_all_single"))
+    return measured
+
+
+def _comm_worker(rank: int, W: int, port: int, args: dict, out_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=W)
+    try:
+        rows = []
+        for T in args["seq_lens"]:
+            for kind in ("lasp2_gla", "lasp2_delta_rule", "lasp2_attention", "ring_kv"):
+                measured = _measure(kind, dist.group.WORLD, T // W, args["batch"], args["heads"], args["head_dim"],
+                                    args["head_dim"])
+                analytic = analytic_bytes(kind, W, T, args["batch"], args["heads"], args["head_dim"],
+                                          args["head_dim"], 4)
+                rows.append({"world": W, "seq_len": T, "kind": kind, "analytic": analytic, "measured": measured,
+                             "measured_equals_analytic": all(measured[key] == analytic[key] for key in measured)})
+        if rank == 0:
+            Path(out_path).write_text(json.dumps(rows))
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_comm(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    shape = {"seq_lens": args.seq_lens, "batch": args.batch, "heads": args.heads, "head_dim": args.head_dim}
+    for W in args.world:
+        bad = [T for T in args.seq_lens if T % W]
+        if bad:
+            raise ValueError(f"--seq-lens {bad} are not divisible by SP size {W}")
+        with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            s.close()
+            out = Path(tmp) / "rows.json"
+            mp.spawn(_comm_worker, args=(W, port, shape, str(out)), nprocs=W, join=True)
+            rows += json.loads(out.read_text())
+    return rows
+
+
+# ---------------------------------------------------------------------------------- CUDA timings
+def _time(fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds of ``fn`` over ``repeats`` calls after one warm-up (CUDA-synchronised)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_sp1_overhead(args: argparse.Namespace) -> list[dict]:
+    """Forward+backward seconds: plain fla ``chunk_gla``, ``lasp2_gla`` without a group, one rank's LASP-2 compute."""
+    from fla.ops.gla import chunk_gla
+
+    from linear_moe.kernels.gla import gla
+    from linear_moe.kernels.lasp import state_correction
+    from linear_moe.model.parallel import lasp2_gla
+
+    B, H, D = args.batch, args.heads, args.head_dim
+    rows = []
+    for T in args.seq_lens:
+        leaves = [torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+        g = F.logsigmoid(torch.randn(B, T, H, D, device="cuda")).requires_grad_()
+
+        def step(fn):
+            def run():
+                fn().float().sum().backward()
+            return run
+
+        def lasp_local():  # one rank's LASP-2 compute, communication left out (S_in = its own state)
+            o, s = gla(*leaves, g, output_final_state=True, backend="fla")
+            return state_correction(o, leaves[0], g.float().cumsum(1), s.detach(), D ** -0.5, backend="triton")
+
+        rows.append({"seq_len": T,
+                     "fla_chunk_gla_s": _time(step(lambda: chunk_gla(*leaves, g)[0]), args.repeats),
+                     "lasp2_gla_sp1_s": _time(step(lambda: lasp2_gla(*leaves, g, backend="fla")[0]), args.repeats),
+                     "lasp2_rank_compute_s": _time(step(lasp_local), args.repeats)})
+    return rows
+
+
+def time_correction(args: argparse.Namespace) -> list[dict]:
+    """Seconds of the Triton state correction vs its PyTorch reference (bf16 activations, fp32 state)."""
+    from linear_moe.kernels.lasp import naive_state_correction, state_correction
+
+    B, H, D = args.batch, args.heads, args.head_dim
+    rows = []
+    for T in args.seq_lens:
+        q, o = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        gcum = F.logsigmoid(torch.randn(B, T, H, D, device="cuda")).cumsum(1)
+        s = torch.randn(B, H, D, D, device="cuda")
+        leaves = [t.clone().requires_grad_() for t in (o, q, gcum, s)]
+
+        def fwd_bwd(backend):
+            def run():
+                if backend == "torch":
+                    out = naive_state_correction(*leaves, 0.1)
+                else:
+                    out = state_correction(*leaves, 0.1, backend=backend)
+                out.float().sum().backward()
+            return run
+
+        rows.append({"seq_len": T,
+                     "triton_fwd_s": _time(lambda: state_correction(o, q, gcum, s, 0.1, backend="triton"),
+                                           args.repeats),
+                     "torch_fwd_s": _time(lambda: naive_state_correction(o, q, gcum, s, 0.1), args.repeats),
+                     "triton_fwd_bwd_s": _time(fwd_bwd("triton"), args.repeats),
+                     "torch_autograd_fwd_bwd_s": _time(fwd_bwd("torch"), args.repeats)})
+    return rows
+
+
+def measure_cuda(args: argparse.Namespace) -> dict:
+    result = {"gpu": torch.cuda.get_device_name(), "correction": time_correction(args)}
+    try:
+        result["sp1_overhead"] = time_sp1_overhead(args)
+    except ImportError as err:  # fla is optional on a bare GPU image
+        result["sp1_overhead"] = f"skipped: {err}"
+    return result
+
+
+# ---------------------------------------------------------------------------------- entry
+def run(args: argparse.Namespace) -> dict:
+    result = {"config": {k: v for k, v in vars(args).items() if k != "out"}, "python": platform.python_version(),
+              "torch": torch.__version__, "comm": [] if args.skip_comm else measure_comm(args)}
+    if args.device == "cuda":
+        result.update(measure_cuda(args))
+    return result
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sp.json"))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--world", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4])
+    parser.add_argument("--seq-lens", type=lambda s: [int(x) for x in s.split(",")], default=[256, 1024])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--skip-comm", action="store_true", help="CUDA timings only")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device visible")
+    result = run(args)
+    write_json_atomic(args.out, result)
+    bad = [r for r in result["comm"] if not r["measured_equals_analytic"]]
+    print(f"wrote {args.out}: {len(result['comm'])} comm rows, {len(bad)} differing from the analytic size")
+
+
+if __name__ == "__main__":
+    main()

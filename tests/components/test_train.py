@@ -1,0 +1,143 @@
+"""The train component: kill-and-resume equivalence, bad-input errors, schedule, CLI."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from linear_moe.components.train import TrainConfig
+from linear_moe.components.train.checkpoint import COMMIT_DELAY_ENV, latest_complete
+from linear_moe.components.train.loop import preflight
+from linear_moe.components.train.metrics import read_metrics
+from linear_moe.components.train.schedule import lr_at
+
+TRAIN = [sys.executable, "-m", "linear_moe.components.train"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    from linear_moe.components.tokenize import tokenize
+
+    out = tmp_path_factory.mktemp("tokenized") / "data"
+    tokenize(out, vocab_size=300, max_bytes=300_000, progress=False)
+    return out
+
+
+def run_args(data_dir: Path, output_dir: Path, steps: int, **extra) -> list[str]:
+    args = ["--data-dir", str(data_dir), "--output-dir", str(output_dir), "--preset", "tiny", "--steps", str(steps),
+            "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4", "--save-interval", "2",
+            "--eval-interval", "0", "--warmup-steps", "2", "--no-dvclive", "--model", "lsm_mixer=gated_deltanet"]
+    for key, value in extra.items():
+        flag = f"--{key.replace('_', '-')}"
+        args += [flag] if value is True else [flag, str(value)]
+    return args
+
+
+def losses(output_dir: Path) -> dict[int, float]:
+    return {record["step"]: record["loss"] for record in read_metrics(output_dir / "metrics.jsonl")}
+
+
+@pytest.mark.e2e
+def test_kill_during_checkpoint_then_resume_matches_uninterrupted_run(data_dir, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    reference = tmp_path / "reference"
+    subprocess.run(TRAIN + run_args(data_dir, reference, 4), check=True, env=env, capture_output=True)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(TRAIN + run_args(data_dir, killed, 4), env={**env, COMMIT_DELAY_ENV: "120"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = killed / "checkpoints" / "step_0000004.partial"
+    deadline = time.time() + 300
+    while not (partial / "optimizer").exists() or not any((partial / "optimizer").glob("*.json")):
+        assert process.poll() is None, "the run ended before it wrote the second checkpoint"
+        assert time.time() < deadline, "timed out waiting for the second checkpoint"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert latest_complete(killed / "checkpoints").name == "step_0000002"  # the partial one is not taken
+
+    subprocess.run(TRAIN + run_args(data_dir, killed, 4, resume=True), check=True, env=env, capture_output=True)
+    expected, resumed = losses(reference), losses(killed)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert math.isclose(resumed[step], expected[step], rel_tol=1e-6), (step, resumed[step], expected[step])
+    assert latest_complete(killed / "checkpoints").name == "step_0000004"
+    assert not partial.exists()
+
+
+def config(data_dir, tmp_path, **fields) -> TrainConfig:
+    return TrainConfig(data_dir=str(data_dir), output_dir=str(tmp_path / "run"), preset="tiny", **fields)
+
+
+def test_missing_dataset_is_named(tmp_path):
+    with pytest.raises(ValueError, match="tokenizer.json is missing"):
+        preflight(config(tmp_path / "nowhere", tmp_path), 1)
+
+
+def test_corrupt_dataset_is_named(data_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(data_dir, broken)
+    with open(broken / "train.bin", "r+b") as handle:
+        handle.truncate(100)
+    with pytest.raises(ValueError, match="train.bin is corrupt"):
+        preflight(config(broken, tmp_path), 1)
+    (broken / "train.idx").write_bytes(b"not an index")
+    with pytest.raises(ValueError, match="train.idx is corrupt"):
+        preflight(config(broken, tmp_path), 1)
+
+
+def test_tokenizer_larger_than_model_vocab_is_rejected(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="vocab_size is 256"):
+        preflight(config(data_dir, tmp_path, model_overrides={"vocab_size": 256}), 1)
+
+
+@pytest.mark.parametrize("world, sizes, match", [
+    (3, dict(tensor_parallel=2), "not divisible by tensor_parallel=2"),
+    (4, dict(tensor_parallel=2, pipeline_parallel=4), "not divisible"),
+    (2, dict(expert_parallel=4), "expert_parallel=4 must divide"),
+    (2, dict(global_batch_size=6, micro_batch_size=2), "global_batch_size=6"),
+])
+def test_world_size_that_parallel_sizes_do_not_divide(data_dir, tmp_path, world, sizes, match):
+    with pytest.raises(ValueError, match=match):
+        preflight(config(data_dir, tmp_path, **sizes), world)
+
+
+def test_checkpoint_of_another_model_is_rejected(data_dir, tmp_path):
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_0000002"
+    (checkpoint / "model").mkdir(parents=True)
+    saved = config(data_dir, tmp_path).model_config().to_dict()
+    (checkpoint / "train_state.json").write_text(json.dumps({"step": 2, "model_config": saved}))
+    with pytest.raises(ValueError, match="hidden_size: checkpoint=64 vs run=32"):
+        preflight(config(data_dir, tmp_path, resume=True, model_overrides={"hidden_size": 32}), 1)
+
+
+def test_partial_checkpoints_are_never_taken_as_complete(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "step_0000002").mkdir(parents=True)
+    (root / "step_0000002" / "train_state.json").write_text("{}")
+    (root / "step_0000004.partial").mkdir()
+    (root / "step_0000006").mkdir()  # no train_state.json: never committed
+    assert latest_complete(root).name == "step_0000002"
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    kwargs = dict(lr=1.0, min_lr=0.1, warmup_steps=4, total_steps=20)
+    values = [lr_at(step, **kwargs) for step in range(20)]
+    assert values[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(values[3:], values[4:]))
+    assert math.isclose(lr_at(20, **kwargs), 0.1)
+    assert math.isclose(lr_at(12, **kwargs), 0.1 + 0.45 * (1 + math.cos(math.pi * 8 / 16)))
+
+
+def test_cli_help_explains_every_option():
+    out = subprocess.run(TRAIN + ["--help"], check=True, capture_output=True, text=True).stdout
+    for field in ("--tensor-parallel", "--expert-parallel", "--resume", "--save-interval", "--model"):
+        assert field in out
+    assert "global-norm clip" in out.replace("\n", " ").replace("  ", " ") or "clip" in out

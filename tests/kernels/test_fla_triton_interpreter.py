@@ -1,0 +1,109 @@
+"""fla's Triton chunk ops under the Triton interpreter match our PyTorch chunked path.
+
+One interpreter process (``run_interpreted``) runs every op forward and backward on tiny shapes and
+prints the relative errors as JSON; each test checks its op. fp32 everywhere except
+``chunk_delta_rule``, which refuses fp32: it runs in bf16 against our fp32 path on the same
+bf16-rounded inputs, with a looser stated tolerance.
+"""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from linear_moe.kernels.testing import rel_error
+from linear_moe.kernels.triton_cpu import run_interpreted
+
+B, T, H, K, V = 1, 40, 2, 16, 16  # T not a multiple of fla's chunk (64) nor ours (16)
+CU = [0, 13, 40]  # packed case
+TOL = {"fp32": 1e-4, "bf16": 2e-2}
+
+
+def _inputs(seed):
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    return {"q": rnd(B, T, H, K), "k": rnd(B, T, H, K), "v": rnd(B, T, H, V), "s0": rnd(B, H, K, V) * 0.3,
+            "g_diag": F.logsigmoid(rnd(B, T, H, K) + 2), "g_scalar": F.logsigmoid(rnd(B, T, H) + 2),
+            "beta": torch.rand(B, T, H, generator=gen)}
+
+
+def _cases():
+    """name -> (fla call, our call, precision); both take the leaf dict and return (o, S_final)."""
+    from fla.ops.delta_rule import chunk_delta_rule
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    from fla.ops.gla import chunk_gla
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    from linear_moe.kernels.delta_rule import delta_rule
+    from linear_moe.kernels.gla import gla
+
+    ours = dict(backend="chunk", chunk_size=16, output_final_state=True)
+    kn = lambda x: F.normalize(x["k"], dim=-1)  # noqa: E731
+    packed = torch.tensor(CU)
+    s0_packed = lambda x: x["s0"].expand(len(CU) - 1, -1, -1, -1)  # noqa: E731
+    return {
+        "chunk_gla": (
+            lambda x: chunk_gla(x["q"], x["k"], x["v"], x["g_diag"], initial_state=x["s0"], output_final_state=True),
+            lambda x: gla(x["q"], x["k"], x["v"], x["g_diag"], initial_state=x["s0"], **ours), "fp32"),
+        "chunk_gla_packed": (
+            lambda x: chunk_gla(x["q"], x["k"], x["v"], x["g_diag"], initial_state=s0_packed(x),
+                                output_final_state=True, cu_seqlens=packed),
+            lambda x: gla(x["q"], x["k"], x["v"], x["g_diag"], initial_state=s0_packed(x), cu_seqlens=packed,
+                          **ours), "fp32"),
+        "chunk_simple_gla": (
+            lambda x: chunk_simple_gla(x["q"], x["k"], x["v"], x["g_scalar"], initial_state=x["s0"],
+                                       output_final_state=True),
+            lambda x: gla(x["q"], x["k"], x["v"], x["g_scalar"], initial_state=x["s0"], **ours), "fp32"),
+        "chunk_gated_delta_rule": (
+            lambda x: chunk_gated_delta_rule(x["q"], kn(x), x["v"], x["g_scalar"], x["beta"], initial_state=x["s0"],
+                                             output_final_state=True),
+            lambda x: delta_rule(x["q"], kn(x), x["v"], x["beta"], x["g_scalar"], initial_state=x["s0"], **ours),
+            "fp32"),
+        "chunk_delta_rule": (
+            lambda x: chunk_delta_rule(x["q"], kn(x), x["v"], x["beta"], initial_state=x["s0"],
+                                       output_final_state=True),
+            lambda x: delta_rule(x["q"], kn(x), x["v"], x["beta"], initial_state=x["s0"], **ours), "bf16"),
+    }
+
+
+def _run_all():
+    """Interpreter process: print {case: {tensor: relative error}} as the last stdout line."""
+    results = {}
+    for i, (name, (fla_fn, our_fn, precision)) in enumerate(_cases().items()):
+        base = _inputs(i)
+        weight_o, weight_s = torch.randn(B, T, H, V), torch.randn(*_cases_state_shape(name))
+        outs = {}
+        for impl, fn, dtype in (("fla", fla_fn, torch.bfloat16 if precision == "bf16" else torch.float32),
+                                ("ours", our_fn, torch.float32)):
+            # bf16 case: both sides see the same bf16-rounded activations; states stay fp32
+            x = {n: (t.to(torch.bfloat16).to(dtype) if precision == "bf16" and n != "s0" else t).clone()
+                 .requires_grad_() for n, t in base.items()}
+            o, S = fn(x)
+            loss = (o.float() * weight_o).sum() + (S.float() * weight_s).sum()
+            leaves = [n for n in x if n in ("q", "k", "v", "s0", "g_diag", "g_scalar", "beta")]
+            grads = torch.autograd.grad(loss, [x[n] for n in leaves], allow_unused=True)
+            outs[impl] = {"o": o, "S": S, **{f"d{n}": g for n, g in zip(leaves, grads) if g is not None}}
+        results[name] = {"precision": precision, **{n: rel_error(outs["ours"][n].float(), outs["fla"][n].float())
+                                                    for n in outs["ours"] if n in outs["fla"]}}
+    print(json.dumps(results))
+
+
+def _cases_state_shape(name):
+    return (len(CU) - 1 if name.endswith("_packed") else B, H, K, V)
+
+
+@pytest.fixture(scope="module")
+def fla_results():
+    proc = run_interpreted(__file__, "_run_all")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["chunk_gla", "chunk_gla_packed", "chunk_simple_gla", "chunk_gated_delta_rule",
+                                  "chunk_delta_rule"])
+def test_fla_chunk_op_matches_our_chunk_path(fla_results, case):
+    errors = dict(fla_results[case])
+    tol = TOL[errors.pop("precision")]
+    assert {"o", "S", "dq", "dk", "dv", "ds0"} <= set(errors), f"missing comparisons: {sorted(errors)}"
+    bad = {n: e for n, e in errors.items() if not e <= tol}
+    assert not bad, f"{case}: relative errors above {tol}: {bad}"

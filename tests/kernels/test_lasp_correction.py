@@ -1,0 +1,85 @@
+"""The fused state correction (kernels/lasp/correction.py).
+
+References: a run of the recurrence from the incoming state (the correction's meaning), autograd
+through the PyTorch expression, and (slow, Triton interpreter) the PyTorch reference.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from linear_moe.kernels.lasp import naive_state_correction, state_correction
+from linear_moe.kernels.testing import assert_rel_close
+from linear_moe.kernels.triton_cpu import run_interpreted
+
+
+def _decay_run(q, k, v, g, s0, scale):
+    """Token loop: S_t = diag(exp g_t) S_{t-1} + k_t^T v_t, o_t = scale q_t S_t (g None: no decay)."""
+    S, outs = s0.clone(), []
+    for t in range(q.shape[1]):
+        if g is not None:
+            S = g[:, t].exp()[..., None] * S
+        S = S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        outs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    return torch.stack(outs, 1)
+
+
+@pytest.mark.parametrize("decay", ["none", "scalar", "diagonal"])
+def test_zero_state_run_plus_correction_matches_run_from_state(decay):
+    B, T, H, K, V = 2, 9, 2, 4, 5
+    q, k, v = torch.randn(B, T, H, K), torch.randn(B, T, H, K), torch.randn(B, T, H, V)
+    s_in = torch.randn(B, H, K, V)
+    g = {"none": None, "scalar": F.logsigmoid(torch.randn(B, T, H, 1)).expand(B, T, H, K),
+         "diagonal": F.logsigmoid(torch.randn(B, T, H, K))}[decay]
+    scale = K ** -0.5
+    o_local = _decay_run(q, k, v, g, torch.zeros(B, H, K, V), scale)
+    gcum = None if g is None else g.cumsum(1)
+    got = state_correction(o_local, q, gcum, s_in, scale, backend="torch")
+    assert_rel_close("o", _decay_run(q, k, v, g, s_in, scale), got, 1e-5)
+
+
+@pytest.mark.parametrize("with_decay", [False, True], ids=["no-decay", "decay"])
+def test_correction_backward_matches_autograd(with_decay):
+    B, T, H, K, V = 2, 7, 3, 4, 6
+    leaves = [torch.randn(B, T, H, V), torch.randn(B, T, H, K),
+              F.logsigmoid(torch.randn(B, T, H, K)).cumsum(1) if with_decay else None, torch.randn(B, H, K, V)]
+    weight = torch.randn(B, T, H, V)
+    grads = {}
+    for name, fn in (("autograd", naive_state_correction), ("explicit", None)):
+        xs = [None if x is None else x.clone().requires_grad_() for x in leaves]
+        out = fn(*xs, 0.7) if fn else state_correction(*xs, 0.7, backend="torch")
+        grads[name] = torch.autograd.grad((out * weight).sum(), [x for x in xs if x is not None])
+    for r, g in zip(grads["autograd"], grads["explicit"]):
+        assert_rel_close("grad", r, g, 1e-6)
+
+
+def _check_triton_correction(device="cpu", shape=(2, 20, 2, 6, 10)):
+    """Triton forward and backward vs PyTorch: T not a multiple of the block, K and V not powers of 2."""
+    B, T, H, K, V = shape
+    rnd = lambda *size: torch.randn(*size, device=device)  # noqa: E731
+    weight = rnd(B, T, H, V)
+    for with_decay in (False, True):
+        base = [rnd(B, T, H, V), rnd(B, T, H, K), F.logsigmoid(rnd(B, T, H, K)).cumsum(1) if with_decay else None,
+                rnd(B, H, K, V)]
+        out = {}
+        for backend in ("torch", "triton"):
+            xs = [None if x is None else x.clone().requires_grad_() for x in base]
+            o = state_correction(*xs, 0.5, backend=backend)
+            out[backend] = [o, *torch.autograd.grad((o * weight).sum(), [x for x in xs if x is not None])]
+        for i, (r, g) in enumerate(zip(out["torch"], out["triton"])):
+            assert_rel_close(f"output/grad {i} (decay={with_decay})", r, g, 1e-5)
+    # bf16 activations: the kernel upcasts; stated tolerance covers bf16 output rounding
+    xs = [rnd(B, T, H, V).bfloat16(), rnd(B, T, H, K).bfloat16(), F.logsigmoid(rnd(B, T, H, K)).cumsum(1),
+          rnd(B, H, K, V)]
+    ref = naive_state_correction(*[x.float() for x in xs], 0.5)
+    assert_rel_close("bf16 output", ref, state_correction(*xs, 0.5, backend="triton").float(), 1e-2)
+
+
+@pytest.mark.slow
+def test_triton_correction_matches_torch():
+    run_interpreted(__file__, "_check_triton_correction")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiled Triton)")
+@pytest.mark.parametrize("shape", [(2, 20, 2, 6, 10), (1, 1000, 4, 128, 64)], ids=["T20-K6-V10", "T1000-K128-V64"])
+def test_triton_correction_matches_torch_on_cuda(shape):
+    _check_triton_correction("cuda", shape)

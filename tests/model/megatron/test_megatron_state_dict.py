@@ -1,0 +1,114 @@
+"""Full <-> sharded state dicts: sharding then merging is the identity, and shards are the right slices."""
+import pytest
+import torch
+
+from linear_moe.model.megatron.state_dict import RankCoords, ShardSpec, global_key, merge_shards, shard_state_dict
+
+D, F, V, E = 4, 6, 8, 4  # hidden, MLP width, vocab, experts
+
+# A 4-layer model's full tensors (as the TP=PP=EP=1 model would name them).
+FULL_SPECS = {
+    "embedding.word_embeddings.weight": ((V, D), ShardSpec(dim=0)),
+    "decoder.final_layernorm.weight": ((D,), ShardSpec()),
+    "output_layer.weight": ((V, D), ShardSpec(dim=0)),
+}
+for layer in range(4):
+    FULL_SPECS.update({
+        f"decoder.layers.{layer}.self_attention.mixer.q_proj.weight": ((D, D), ShardSpec(dim=0)),
+        f"decoder.layers.{layer}.self_attention.mixer.A_log": ((D,), ShardSpec(dim=0)),
+        f"decoder.layers.{layer}.self_attention.mixer.o_proj.weight": ((D, D), ShardSpec(dim=1)),
+        f"decoder.layers.{layer}.mlp.router.weight": ((E, D), ShardSpec()),
+    })
+    for expert in range(E):
+        prefix = f"decoder.layers.{layer}.mlp.experts.local_experts.{expert}"
+        FULL_SPECS[f"{prefix}.linear_fc1.weight"] = ((2 * F, D), ShardSpec(dim=0, expert=True, glu=True))
+        FULL_SPECS[f"{prefix}.linear_fc2.weight"] = ((D, F), ShardSpec(dim=1, expert=True))
+
+
+def full_state():
+    generator = torch.Generator().manual_seed(0)
+    return {name: torch.randn(shape, generator=generator) for name, (shape, _) in FULL_SPECS.items()}
+
+
+def rank_layouts(tp, pp, ep, etp):
+    """(coords, local layout) of every rank; local keys use stage-local layer and expert indices."""
+    layers, experts = 4 // pp, E // ep
+    ranks = []
+    for p in range(pp):
+        for t in range(tp):
+            for e in range(ep):
+                for et in range(etp):
+                    coords = RankCoords(tensor_rank=t, tensor_size=tp, expert_tensor_rank=et, expert_tensor_size=etp,
+                                        layer_offset=p * layers, expert_offset=e * experts)
+                    layout = {}
+                    for name, (_, spec) in FULL_SPECS.items():
+                        parts = name.split(".")
+                        if name.startswith("decoder.layers."):
+                            layer = int(parts[2])
+                            if not p * layers <= layer < (p + 1) * layers:
+                                continue
+                            parts[2] = str(layer - p * layers)
+                            if spec.expert:
+                                expert = int(parts[6])
+                                if not e * experts <= expert < (e + 1) * experts:
+                                    continue
+                                parts[6] = str(expert - e * experts)
+                        elif name.startswith("embedding") and p != 0 or not name.startswith(("embedding", "decoder.layers")) and p != pp - 1:
+                            continue
+                        layout[".".join(parts)] = spec
+                    ranks.append((coords, layout))
+    return ranks
+
+
+@pytest.mark.parametrize("tp, pp, ep, etp", [(2, 1, 1, 2), (1, 2, 1, 1), (1, 1, 2, 1), (2, 2, 2, 1), (2, 1, 2, 2)],
+                         ids=lambda v: str(v))
+def test_shard_then_merge_is_identity(tp, pp, ep, etp):
+    full = full_state()
+    shards = [(coords, shard_state_dict(full, layout, coords), layout) for coords, layout in rank_layouts(tp, pp, ep, etp)]
+    merged = merge_shards(shards)
+    assert set(merged) == set(full)
+    for name in full:
+        assert torch.equal(merged[name], full[name]), name
+
+
+def test_shards_are_the_expected_slices():
+    full = full_state()
+    name = "decoder.layers.3.mlp.experts.local_experts.2.linear_fc1.weight"
+    gate, up = full[name][:F], full[name][F:]
+    coords = RankCoords(tensor_rank=1, tensor_size=2, expert_tensor_rank=1, expert_tensor_size=2,
+                        layer_offset=2, expert_offset=2)
+    local_key = "decoder.layers.1.mlp.experts.local_experts.0.linear_fc1.weight"
+    q_key = "decoder.layers.1.self_attention.mixer.q_proj.weight"
+    o_key = "decoder.layers.1.self_attention.mixer.o_proj.weight"
+    local = shard_state_dict(full, {local_key: FULL_SPECS[name][1], q_key: ShardSpec(dim=0), o_key: ShardSpec(dim=1)}, coords)
+    # rank 1 of a gated fc1 holds the second half of the gate rows, then the second half of the up rows
+    assert torch.equal(local[local_key], torch.cat([gate[F // 2:], up[F // 2:]]))
+    assert torch.equal(local[q_key], full["decoder.layers.3.self_attention.mixer.q_proj.weight"][D // 2:])
+    assert torch.equal(local[o_key], full["decoder.layers.3.self_attention.mixer.o_proj.weight"][:, D // 2:])
+
+
+def test_global_key_shifts_layer_and_expert_indices():
+    coords = RankCoords(layer_offset=6, expert_offset=8)
+    assert global_key("decoder.layers.1.mlp.experts.local_experts.3.linear_fc2.weight", coords) == \
+        "decoder.layers.7.mlp.experts.local_experts.11.linear_fc2.weight"
+    assert global_key("decoder.layers.0.mlp.experts.linear_fc1.weight2", coords) == \
+        "decoder.layers.6.mlp.experts.linear_fc1.weight10"
+    assert global_key("output_layer.weight", coords) == "output_layer.weight"
+
+
+def test_tied_output_layer_comes_from_the_embedding():
+    full = {"embedding.word_embeddings.weight": torch.randn(V, D)}
+    local = shard_state_dict(full, {"output_layer.weight": ShardSpec(dim=0)}, RankCoords(tensor_rank=1, tensor_size=2))
+    assert torch.equal(local["output_layer.weight"], full["embedding.word_embeddings.weight"][V // 2:])
+
+
+def test_missing_shard_and_bad_split_raise():
+    full = full_state()
+    (coords0, layout0), _ = rank_layouts(2, 1, 1, 2)[:2]
+    with pytest.raises(ValueError, match=r"shards of ranks \[1\] \(of 2\) are missing"):
+        merge_shards([(coords0, shard_state_dict(full, layout0, coords0), layout0)])
+    with pytest.raises(ValueError, match="does not split into 3 shards"):
+        shard_state_dict({"output_layer.weight": torch.randn(V, D)}, {"output_layer.weight": ShardSpec(dim=0)},
+                         RankCoords(tensor_size=3))
+    with pytest.raises(ValueError, match="full state dict has no 'decoder.layers.9"):
+        shard_state_dict(full, {"decoder.layers.9.mlp.router.weight": ShardSpec()}, RankCoords())
