@@ -224,7 +224,8 @@ def run_case(op: str, case: Case, spec: OpSpec, args: argparse.Namespace) -> lis
     for row in rows:
         if row["T"] in samples:
             walls, cpus, peaks = zip(*samples[row["T"]])
-            row |= {"median_s": statistics.median(walls), "times_s": list(walls), "median_cpu_s": statistics.median(cpus)}
+            row |= {"median_s": statistics.median(walls), "times_s": list(walls),
+                    "median_cpu_s": statistics.median(cpus)}
             if args.device == "cuda":
                 row["peak_mem_bytes"] = max(peaks)
         print(_format_row(row), flush=True)

@@ -18,6 +18,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m linear_moe.components.train", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="JSON or YAML file of TrainConfig fields (flags override it)")
+    p.add_argument("--params", help="params.yaml whose 'train:' section holds TrainConfig fields (flags override it)")
     p.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
                    help="ModelConfig override over the preset, value parsed as JSON when possible")
     comments = _field_comments()
@@ -49,9 +50,24 @@ def _field_comments() -> dict[str, str]:
     return comments
 
 
+def _params_section(path: str) -> dict:
+    import yaml
+
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise ValueError(f"--params {path}: file not found")
+    section = (yaml.safe_load(Path(path).read_text()) or {}).get("train")
+    if not isinstance(section, dict):
+        raise ValueError(f"--params {path}: no 'train:' mapping")
+    return section
+
+
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     args = parser().parse_args(argv)
     base = TrainConfig.from_file(args.config).to_dict() if args.config else {}
+    if args.params:
+        base.update(_params_section(args.params))
     for f in dataclasses.fields(TrainConfig):
         value = getattr(args, f.name, None)
         if value is not None:

@@ -85,7 +85,7 @@ def load_checkpoint(path: str | Path, model_chunks: list[torch.nn.Module],
     loaded = dist_checkpointing.load(_sharded_state_dict(model_chunks), str(path / "model"))
     for i, chunk in enumerate(model_chunks):
         chunk.load_state_dict(loaded[f"chunk{i}"] if len(model_chunks) > 1 else loaded, strict=True)
-    if optimizer is not None:
+    if optimizer is not None and (path / "optimizer").is_dir():  # absent in converted HF -> Megatron checkpoints
         _load_optimizer(optimizer, path / "optimizer", dist.get_rank())
     return json.loads(state_file.read_text())
 
