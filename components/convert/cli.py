@@ -10,6 +10,7 @@ import inspect
 import sys
 from pathlib import Path
 
+from linear_moe.components import params
 from linear_moe.components.convert.core import DIRECTIONS, convert, hf_to_megatron
 
 SECTION = "convert"  # params.yaml section read by --params
@@ -49,20 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_section(path: Path) -> dict:
     """The ``convert:`` section of a params YAML file, checked against :func:`convert`'s arguments."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as err:
-        raise ValueError(f"--params {path}: cannot read ({err})") from None
-    section = data.get(SECTION)
-    if not isinstance(section, dict):
-        raise ValueError(f"--params {path}: no '{SECTION}:' mapping")
-    known = set(inspect.signature(convert).parameters)
-    unknown = sorted(set(section) - known)
-    if unknown:
-        raise ValueError(f"--params {path}: unknown key(s) {unknown} in '{SECTION}:'; known: {sorted(known)}")
-    return section
+    return params.load_section(path, SECTION, inspect.signature(convert).parameters)
 
 
 def main(argv: list[str] | None = None) -> int:

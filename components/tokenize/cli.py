@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from linear_moe.components import params
 from linear_moe.components.tokenize.core import tokenize
 
 SECTION = "tokenize"  # params.yaml section read by --params
@@ -58,20 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_section(path: Path) -> dict:
     """The ``tokenize:`` section of a params YAML file, checked against :func:`tokenize`'s arguments."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as err:
-        raise ValueError(f"--params {path}: cannot read ({err})") from None
-    section = data.get(SECTION)
-    if not isinstance(section, dict):
-        raise ValueError(f"--params {path}: no '{SECTION}:' mapping")
-    known = set(inspect.signature(tokenize).parameters)
-    unknown = sorted(set(section) - known)
-    if unknown:
-        raise ValueError(f"--params {path}: unknown key(s) {unknown} in '{SECTION}:'; known: {sorted(known)}")
-    return section
+    return params.load_section(path, SECTION, inspect.signature(tokenize).parameters)
 
 
 def main(argv: list[str] | None = None) -> int:

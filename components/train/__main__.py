@@ -10,6 +10,7 @@ import dataclasses
 import json
 import sys
 
+from linear_moe.components.params import load_section
 from linear_moe.components.train.config import TrainConfig
 
 
@@ -50,24 +51,11 @@ def _field_comments() -> dict[str, str]:
     return comments
 
 
-def _params_section(path: str) -> dict:
-    import yaml
-
-    from pathlib import Path
-
-    if not Path(path).is_file():
-        raise ValueError(f"--params {path}: file not found")
-    section = (yaml.safe_load(Path(path).read_text()) or {}).get("train")
-    if not isinstance(section, dict):
-        raise ValueError(f"--params {path}: no 'train:' mapping")
-    return section
-
-
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     args = parser().parse_args(argv)
     base = TrainConfig.from_file(args.config).to_dict() if args.config else {}
     if args.params:
-        base.update(_params_section(args.params))
+        base.update(load_section(args.params, "train", (f.name for f in dataclasses.fields(TrainConfig))))
     for f in dataclasses.fields(TrainConfig):
         value = getattr(args, f.name, None)
         if value is not None:

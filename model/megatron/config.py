@@ -19,6 +19,11 @@ ROUTERS: dict[str, dict[str, Any]] = {
     "sigmoid_bias": dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True),
 }
 
+#: (ModelConfig field, ParallelSizes field) pairs where the first must be a multiple of the second.
+_DIVISIBLE_BY = (
+    ("num_heads", "tensor"), ("num_kv_heads", "tensor"), ("vocab_size", "tensor"), ("num_layers", "pipeline"),
+)
+
 #: recompute option -> megatron activation-recomputation fields.
 RECOMPUTE: dict[str | None, dict[str, Any]] = {
     None: dict(recompute_granularity=None),
@@ -39,35 +44,26 @@ def transformer_config(
     """Build the megatron ``TransformerConfig`` for ``model_config`` under ``parallel``.
 
     fp32 on CPU, bf16 on GPU unless ``params_dtype`` says otherwise. ``moe_grouped_gemm=None`` turns
-    grouped-GEMM experts on when CUDA and the ``grouped_gemm`` package are present (CPU has neither). Sequence parallelism is on
-    whenever ``parallel.tensor > 1`` (megatron's MoE requires it with TP, and the mixer adapter relies
-    on it to sum replicated-parameter gradients). ``overrides`` are passed to ``TransformerConfig``
-    last (e.g. ``moe_token_dispatcher_type="allgather"``).
+    grouped-GEMM experts on when CUDA and the ``grouped_gemm`` package are present (CPU has neither).
+    Sequence parallelism is on whenever ``parallel.tensor > 1``: megatron's MoE requires it with TP,
+    and the mixer adapter relies on it to sum the gradients of TP-replicated mixer parameters.
+    ``overrides`` go to ``TransformerConfig`` last (e.g. ``moe_token_dispatcher_type="allgather"``).
     """
     from megatron.core.transformer import TransformerConfig
 
     mc = model_config
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute={recompute!r}: use one of {list(RECOMPUTE)}")
-    if mc.num_heads % parallel.tensor:
-        raise ValueError(f"ModelConfig.num_heads={mc.num_heads} must be divisible by tensor parallel {parallel.tensor}")
-    if mc.num_kv_heads % parallel.tensor:
-        raise ValueError(f"ModelConfig.num_kv_heads={mc.num_kv_heads} must be divisible by tensor parallel {parallel.tensor}")
-    if mc.vocab_size % parallel.tensor:
-        raise ValueError(f"ModelConfig.vocab_size={mc.vocab_size} must be divisible by tensor parallel {parallel.tensor}")
-    if mc.num_layers % parallel.pipeline:
-        raise ValueError(
-            f"ModelConfig.num_layers={mc.num_layers} must be divisible by pipeline parallel {parallel.pipeline}"
-        )
+    for field, dim in _DIVISIBLE_BY:
+        _check_divisible(mc, field, getattr(mc, field), dim, getattr(parallel, dim))
     on_gpu = torch.cuda.is_available()
     if moe_grouped_gemm is None:
         moe_grouped_gemm = on_gpu and _grouped_gemm_available()
     if params_dtype is None:
         params_dtype = torch.bfloat16 if on_gpu else torch.float32
     has_moe = any(kind.is_moe for kind in mc.layer_kinds)
-    if has_moe and mc.num_experts % parallel.expert:
-        raise ValueError(f"ModelConfig.num_experts={mc.num_experts} must be divisible by expert parallel {parallel.expert}")
-
+    if has_moe:
+        _check_divisible(mc, "num_experts", mc.num_experts, "expert", parallel.expert)
     fields: dict[str, Any] = dict(
         # trunk
         num_layers=mc.num_layers,
@@ -130,3 +126,8 @@ def _grouped_gemm_available() -> bool:
     from megatron.core.transformer.moe import grouped_gemm_util
 
     return grouped_gemm_util.grouped_gemm_is_available()
+
+
+def _check_divisible(mc: ModelConfig, field: str, value: int, dim: str, size: int) -> None:
+    if value % size:
+        raise ValueError(f"ModelConfig.{field}={value} must be divisible by {dim} parallel {size}")

@@ -26,7 +26,9 @@ def build_gpt_model(model_config: ModelConfig, config, attention_mixer: str = "a
                          "untie the embeddings or use pipeline parallel 1 on CPU")
     pipeline_rank = parallel_state.get_pipeline_model_parallel_rank()
     if config.num_layers != model_config.num_layers:
-        raise ValueError(f"TransformerConfig.num_layers={config.num_layers} != ModelConfig.num_layers={model_config.num_layers}")
+        raise ValueError(
+            f"TransformerConfig.num_layers={config.num_layers} != ModelConfig.num_layers={model_config.num_layers}"
+        )
     return GPTModel(
         config=config,
         transformer_layer_spec=block_spec(model_config, pipeline_size, pipeline_rank, attention_mixer,

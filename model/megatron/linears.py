@@ -63,7 +63,9 @@ class MegatronLinears(Linears):
 
     def row(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
         if in_features % self.tp_size:
-            raise ValueError(f"row projection of input width {in_features} cannot be split over tensor parallel {self.tp_size}")
+            raise ValueError(
+                f"row projection of input width {in_features} cannot be split over tensor parallel {self.tp_size}"
+            )
         return self._row_cls(
             in_features,
             out_features,

@@ -28,7 +28,9 @@ class MixerAdapter(MegatronModule):
             raise ValueError(f"mixer {mixer_name!r} is not registered; known mixers: {sorted(MIXERS)}")
         tp_size = config.tensor_model_parallel_size
         if tp_size > 1 and not config.sequence_parallel:
-            raise ValueError("MixerAdapter: tensor parallel > 1 needs sequence_parallel=True (transformer_config sets it)")
+            raise ValueError(
+                "MixerAdapter: tensor parallel > 1 needs sequence_parallel=True (transformer_config sets it)"
+            )
         mixer_cls = MIXERS[mixer_name]
         self.layer_idx = layer_number - 1  # megatron numbers layers from 1, globally across stages
         self.mixer = mixer_cls(model_config, layer_idx=self.layer_idx, linears=MegatronLinears(config))

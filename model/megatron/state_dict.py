@@ -108,7 +108,11 @@ def _take_shard(full: torch.Tensor, spec: ShardSpec, rank: int, size: int, key: 
     return torch.cat([part.chunk(size, spec.dim)[rank] for part in parts], spec.dim).clone()
 
 
-def shard_state_dict(full: dict[str, torch.Tensor], layout: dict[str, ShardSpec], coords: RankCoords) -> dict[str, torch.Tensor]:
+StateDict = dict[str, torch.Tensor]
+Layout = dict[str, ShardSpec]
+
+
+def shard_state_dict(full: StateDict, layout: Layout, coords: RankCoords) -> StateDict:
     """Cut this rank's local state dict (keys of ``layout``) out of the full one."""
     local = {}
     for key, spec in layout.items():
@@ -116,13 +120,16 @@ def shard_state_dict(full: dict[str, torch.Tensor], layout: dict[str, ShardSpec]
         if name not in full and name == _TIED_OUTPUT[0] and _TIED_OUTPUT[1] in full:
             name = _TIED_OUTPUT[1]  # tied embeddings: the last stage's copy of the embedding
         if name not in full:
-            raise ValueError(f"full state dict has no {name!r} (needed for local key {key!r}); was it built from the same ModelConfig?")
+            raise ValueError(
+                f"full state dict has no {name!r} (needed for local key {key!r}); "
+                "was it built from the same ModelConfig?"
+            )
         rank, size = coords.split(spec)
         local[key] = _take_shard(full[name], spec, rank, size, key)
     return local
 
 
-def merge_shards(shards: Iterable[tuple[RankCoords, dict[str, torch.Tensor], dict[str, ShardSpec]]]) -> dict[str, torch.Tensor]:
+def merge_shards(shards: Iterable[tuple[RankCoords, StateDict, Layout]]) -> StateDict:
     """Rebuild the full state dict from ``(coords, local_state_dict, layout)`` of every rank.
 
     Keys of each local dict that are missing from its layout raise; replicated tensors are taken
@@ -155,8 +162,7 @@ def merge_shards(shards: Iterable[tuple[RankCoords, dict[str, torch.Tensor], dic
     return full
 
 
-def gather_full_state_dict(local: dict[str, torch.Tensor], layout: dict[str, ShardSpec], coords: RankCoords,
-                           group=None) -> dict[str, torch.Tensor]:
+def gather_full_state_dict(local: StateDict, layout: Layout, coords: RankCoords, group=None) -> StateDict:
     """Every rank's ``local`` gathered (``all_gather_object``) and merged into the full dict, on every rank."""
     payload = (coords, {k: v.detach().cpu() for k, v in local.items()}, layout)
     gathered = [None] * torch.distributed.get_world_size(group)

@@ -36,7 +36,7 @@ def masked_mean_loss(loss_mask_BT: torch.Tensor, per_token_loss_BT: torch.Tensor
 
 
 def lm_forward_step(data_iterator, model):
-    """Megatron ``forward_step_func``: batches are dicts of ``tokens``/``labels`` (and ``loss_mask``), ``(B, T)`` int64."""
+    """Megatron ``forward_step_func``; a batch is a dict of ``(B, T)`` ``tokens``, ``labels`` (, ``loss_mask``)."""
     batch = next(data_iterator)
     tokens_BT, labels_BT = batch["tokens"], batch["labels"]
     loss_mask_BT = batch.get("loss_mask")

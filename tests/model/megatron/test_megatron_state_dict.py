@@ -53,8 +53,10 @@ def rank_layouts(tp, pp, ep, etp):
                                 if not e * experts <= expert < (e + 1) * experts:
                                     continue
                                 parts[6] = str(expert - e * experts)
-                        elif name.startswith("embedding") and p != 0 or not name.startswith(("embedding", "decoder.layers")) and p != pp - 1:
-                            continue
+                        elif name.startswith("embedding") and p != 0:
+                            continue  # the embedding lives on the first stage
+                        elif not name.startswith("embedding") and p != pp - 1:
+                            continue  # final norm and output layer live on the last stage
                         layout[".".join(parts)] = spec
                     ranks.append((coords, layout))
     return ranks
