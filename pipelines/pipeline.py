@@ -2,21 +2,24 @@
 
 Contract with the components (``components/<step>/kfp_component.py``, one ``<step>_component`` each):
 
-=========  ==================================================  ==========================================
-step       input artifacts                                     output artifacts
-=========  ==================================================  ==========================================
-tokenize   --                                                  ``dataset`` (Dataset), ``stats`` (Metrics)
-train      ``dataset`` (Dataset)                               ``checkpoint`` (Model), ``metrics`` (Metrics)
-convert    ``checkpoint`` (Model), ``dataset`` (Dataset)       ``hf_model`` (Model)
-evaluate   ``hf_model`` (Model), ``dataset`` (Dataset)         ``metrics`` (Metrics), ``report`` (HTML)
-=========  ==================================================  ==========================================
+=========  =========================================================  ============================================
+step       input artifacts (<- producer's output)                     output artifacts
+=========  =========================================================  ============================================
+tokenize   --                                                         ``dataset`` (Dataset), ``stats`` (Metrics)
+train      ``data`` <- dataset                                        ``checkpoint`` (Model), ``metrics`` (Metrics)
+convert    ``checkpoint``, ``dataset`` (for its tokenizer/)           ``hf_model`` (Model)
+evaluate   ``model`` <- hf_model, ``data`` <- dataset,                ``metrics`` (Metrics), ``report`` (HTML),
+           ``train_metrics`` <- checkpoint (its metrics.jsonl)        ``table`` (Markdown), ``results`` (Artifact)
+=========  =========================================================  ============================================
 
-Each step receives the pipeline parameters it declares, by name (``corpus`` gets ``data_location``);
-a required input that the pipeline cannot supply fails at compile time, naming the step.  The train
-component runs :func:`linear_moe.components.train.train` in-process when ``use_trainjob`` is false (local
-runs); in the cluster (true) it copies ``dataset`` under ``/workspace`` (the PVC mounted on the train
-task), calls :func:`linear_moe.pipelines.trainjob.run_trainjob` with ``data_dir``/``output_dir`` there,
-and copies the finished checkpoint into its ``checkpoint`` artifact.
+An input artifact is the upstream output of the same name, or of the name :data:`ARTIFACT_SOURCES` maps
+it to.  Each step receives the pipeline parameters it declares, by name or through :data:`ALIASES`
+(``corpus`` gets ``data_location``, evaluate's ``limit`` gets ``eval_limit``, ...); a required input
+that the pipeline cannot supply fails at compile time, naming the step.  The train component
+(:mod:`linear_moe.pipelines.train_step`) trains in-process when ``use_trainjob`` is false (local
+runs); in the cluster (true) it copies ``data`` under ``/workspace`` (the PVC mounted on the train
+task), runs a TrainJob with ``data_dir``/``output_dir`` there, and copies the finished output
+directory into its ``checkpoint`` artifact.
 """
 
 import importlib
@@ -33,26 +36,46 @@ WORKSPACE_MOUNT = "/workspace"
 
 # Pipeline parameters and their defaults: the embedded default trains the tiny preset on CPU.
 DEFAULTS: dict[str, Any] = {
+    # model
     "preset": "tiny",
     "lsm_mixer": "gla",
     "layer_pattern": "",
+    "model_overrides": "",
+    # parallelism and placement of the TrainJob
     "tensor_parallel": 1,
     "pipeline_parallel": 1,
     "expert_parallel": 1,
     "sequence_parallel": 1,
-    "steps": 100,
-    "seq_length": 128,
-    "vocab_size": 4096,
-    "data_location": "",
     "nodes": 1,
     "gpus_per_node": 0,
     "use_trainjob": False,
     "trainjob_image": PROJECT_IMAGE,
     "trainjob_namespace": "linear-moe",
     "workspace_pvc": "linear-moe-workspace",
+    # optimisation
+    "steps": 100,
+    "seq_length": 128,
+    "micro_batch_size": 4,
+    "global_batch_size": 8,
+    "lr": 3e-3,
+    "seed": 1234,
+    "save_interval": 50,
+    "eval_interval": 50,
+    # data
+    "vocab_size": 4096,
+    "data_location": "",
+    "max_bytes": 0,
+    # evaluation
+    "eval_tasks": "builtin",
+    "eval_limit": 0.0,
+    "eval_batch_size": 8,
+    "eval_num_samples": 3,
 }
 # Component input name -> pipeline parameter name, where they differ.
-ALIASES = {"corpus": "data_location"}
+ALIASES = {"corpus": "data_location", "tasks": "eval_tasks", "limit": "eval_limit", "batch_size": "eval_batch_size",
+           "num_samples": "eval_num_samples"}
+# Component input artifact name -> the upstream output artifact it reads, where they differ.
+ARTIFACT_SOURCES = {"data": "dataset", "model": "hf_model", "train_metrics": "checkpoint"}
 
 
 @dataclass(frozen=True)
@@ -105,6 +128,8 @@ def _call(step: str, component, params: dict[str, Any], artifacts: dict[str, Any
         source = ALIASES.get(name, name)
         if name in artifacts:
             supplied[name] = artifacts[name]
+        elif ARTIFACT_SOURCES.get(name) in artifacts:
+            supplied[name] = artifacts[ARTIFACT_SOURCES[name]]
         elif source in params:
             supplied[name] = params[source]
     missing = [name for name, spec in declared.items() if name not in supplied and not spec.optional]
@@ -142,20 +167,32 @@ def build_pipeline(options: ClusterOptions = ClusterOptions()):
         preset: str = DEFAULTS["preset"],
         lsm_mixer: str = DEFAULTS["lsm_mixer"],
         layer_pattern: str = DEFAULTS["layer_pattern"],
+        model_overrides: str = DEFAULTS["model_overrides"],
         tensor_parallel: int = DEFAULTS["tensor_parallel"],
         pipeline_parallel: int = DEFAULTS["pipeline_parallel"],
         expert_parallel: int = DEFAULTS["expert_parallel"],
         sequence_parallel: int = DEFAULTS["sequence_parallel"],
-        steps: int = DEFAULTS["steps"],
-        seq_length: int = DEFAULTS["seq_length"],
-        vocab_size: int = DEFAULTS["vocab_size"],
-        data_location: str = DEFAULTS["data_location"],
         nodes: int = DEFAULTS["nodes"],
         gpus_per_node: int = DEFAULTS["gpus_per_node"],
         use_trainjob: bool = DEFAULTS["use_trainjob"],
         trainjob_image: str = DEFAULTS["trainjob_image"],
         trainjob_namespace: str = DEFAULTS["trainjob_namespace"],
         workspace_pvc: str = DEFAULTS["workspace_pvc"],
+        steps: int = DEFAULTS["steps"],
+        seq_length: int = DEFAULTS["seq_length"],
+        micro_batch_size: int = DEFAULTS["micro_batch_size"],
+        global_batch_size: int = DEFAULTS["global_batch_size"],
+        lr: float = DEFAULTS["lr"],
+        seed: int = DEFAULTS["seed"],
+        save_interval: int = DEFAULTS["save_interval"],
+        eval_interval: int = DEFAULTS["eval_interval"],
+        vocab_size: int = DEFAULTS["vocab_size"],
+        data_location: str = DEFAULTS["data_location"],
+        max_bytes: int = DEFAULTS["max_bytes"],
+        eval_tasks: str = DEFAULTS["eval_tasks"],
+        eval_limit: float = DEFAULTS["eval_limit"],
+        eval_batch_size: int = DEFAULTS["eval_batch_size"],
+        eval_num_samples: int = DEFAULTS["eval_num_samples"],
     ):
         params = dict(locals())
         artifacts: dict[str, Any] = {}

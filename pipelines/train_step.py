@@ -84,27 +84,27 @@ class TrainJobTarget:
     timeout_s: float | None = None
 
 
-def launch_trainjob(config: TrainConfig, target: TrainJobTarget, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run ``config`` as a TrainJob and wait for it; every check that needs no cluster runs first.
+def prepare_trainjob(config: TrainConfig, target: TrainJobTarget) -> tuple[dict[str, Any], Any]:
+    """Check everything that can fail before submitting and connect: returns ``(manifest, api)``.
 
-    The same steps as :func:`linear_moe.pipelines.trainjob.run_trainjob`, plus the TrainConfig fields
-    that it does not forward (batch sizes, lr, seed, intervals, other model overrides).
+    The checks of :func:`linear_moe.pipelines.trainjob.run_trainjob` (parallel layout against the
+    job's processes, model config, manifest, kubeconfig and API server), with the TrainConfig fields
+    that it does not forward (batch sizes, lr, seed, intervals, other model overrides) as extra flags.
     """
     from linear_moe.pipelines import trainjob
 
     layout = trainjob.ParallelLayout(config.tensor_parallel, config.pipeline_parallel, config.expert_parallel,
                                      config.sequence_parallel)
     layout.check(target.nodes * trainjob.procs_per_node(target.gpus_per_node))
+    config.data_parallel(target.nodes * trainjob.procs_per_node(target.gpus_per_node))  # also the batch sizes
     overrides = config.model_overrides
-    config.model_config()  # raises naming the bad model field
     command = trainjob.train_command(
         config.preset, lsm_mixer=overrides.get("lsm_mixer", ""), layer_pattern=overrides.get("layer_pattern", ""),
         layout=layout, steps=config.steps, seq_length=config.seq_length, data_dir=config.data_dir,
         output_dir=config.output_dir, extra_args=extra_train_flags(config))
     manifest = trainjob.build_trainjob(target.name, target.image, target.nodes, target.gpus_per_node, command,
                                        namespace=target.namespace, pvc=target.pvc)
-    api = trainjob.connect(target.kubeconfig)
-    return trainjob.launch_and_wait(manifest, api, poll_s=target.poll_s, timeout_s=target.timeout_s, log=log)
+    return manifest, trainjob.connect(target.kubeconfig)
 
 
 def run_train_step(config: TrainConfig, artifact_dir: str | Path, target: TrainJobTarget | None = None,
@@ -125,11 +125,14 @@ def run_train_step(config: TrainConfig, artifact_dir: str | Path, target: TrainJ
             for path in artifact_dir.glob(name):
                 shutil.rmtree(path)
     else:
+        from linear_moe.pipelines import trainjob
+
         run_dir = Path(target.workspace) / target.name
         data_dir, output_dir = run_dir / "data", run_dir / "train"
+        staged = dataclasses.replace(config, data_dir=str(data_dir), output_dir=str(output_dir), resume=True)
+        manifest, api = prepare_trainjob(staged, target)
         stage_copy(Path(config.data_dir), data_dir)
-        launch_trainjob(dataclasses.replace(config, data_dir=str(data_dir), output_dir=str(output_dir), resume=True),
-                        target, log=log)
+        trainjob.launch_and_wait(manifest, api, poll_s=target.poll_s, timeout_s=target.timeout_s, log=log)
         shutil.copytree(output_dir, artifact_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*ARTIFACT_IGNORE))
     return final_metrics(artifact_dir / "metrics.jsonl")
 

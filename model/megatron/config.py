@@ -97,6 +97,8 @@ def transformer_config(
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,
+        # layers differ (LSM/attention, MoE/dense): checkpoint each under its own key, not stacked
+        hetereogenous_dist_checkpoint=True,
         **RECOMPUTE[recompute],
     )
     if has_moe:

@@ -1,11 +1,13 @@
 """The Linear-MoE language model as a megatron ``GPTModel`` built from our per-layer specs."""
 from __future__ import annotations
 
+import torch
+
 from linear_moe.model.config import ModelConfig
 from linear_moe.model.megatron.specs import block_spec
 
 
-def build_gpt_model(model_config: ModelConfig, config, attention_mixer: str = "attention"):
+def build_gpt_model(model_config: ModelConfig, config, attention_mixer: str = "attention", seed: int = 1234):
     """Build this rank's part of the model (its pipeline stage, its TP/EP shards).
 
     ``config`` comes from :func:`~linear_moe.model.megatron.config.transformer_config`; megatron's
@@ -13,11 +15,11 @@ def build_gpt_model(model_config: ModelConfig, config, attention_mixer: str = "a
     Positions are the mixers' business (RoPE inside the attention mixer), so the embedding has no
     position table. ``forward(input_ids_BT, position_ids_BT, attention_mask=None, labels=labels_BT)``
     returns the per-token loss ``(B, T)`` on the last stage.
+
+    Parameters are initialised from the CPU generator seeded with ``seed`` (restored afterwards), the
+    same on every rank, so TP-replicated mixer parameters start equal on all tensor-parallel ranks.
     """
     from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-
-    import torch
 
     pipeline_size = parallel_state.get_pipeline_model_parallel_world_size()
     if model_config.tie_word_embeddings and pipeline_size > 1 and not torch.cuda.is_available():
@@ -29,6 +31,15 @@ def build_gpt_model(model_config: ModelConfig, config, attention_mixer: str = "a
         raise ValueError(
             f"TransformerConfig.num_layers={config.num_layers} != ModelConfig.num_layers={model_config.num_layers}"
         )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _gpt_model(model_config, config, attention_mixer, pipeline_size, pipeline_rank)
+
+
+def _gpt_model(model_config, config, attention_mixer, pipeline_size, pipeline_rank):
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
     return GPTModel(
         config=config,
         transformer_layer_spec=block_spec(model_config, pipeline_size, pipeline_rank, attention_mixer,

@@ -37,8 +37,11 @@ class MegatronLinears(Linears):
     def __init__(self, config) -> None:
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
+        from megatron.core import parallel_state
+
         self.config = config
         self.tp_size = config.tensor_model_parallel_size
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank() if self.tp_size > 1 else 0
         # The adapter owns sequence parallelism; the projections see the full sequence.
         self._linear_config = copy.copy(config)
         self._linear_config.sequence_parallel = False

@@ -55,6 +55,17 @@ class MixerAdapter(MegatronModule):
             y_TBD = tensor_parallel.scatter_to_sequence_parallel_region(y_TBD)
         return y_TBD, None
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Declare TP-split mixer parameters as sharded on their ``partition_dim``, so dist
+        checkpoints reshard them between layouts (megatron would otherwise save them as replicated)."""
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        state = self.mixer.state_dict(prefix="", keep_vars=True)
+        params = dict(self.mixer.named_parameters())
+        split_axis = {name: params[name].partition_dim for name in state
+                      if name in params and getattr(params[name], "tensor_model_parallel", False)}
+        return make_sharded_tensors_for_checkpoint(state, f"{prefix}mixer.", split_axis, sharded_offsets)
+
 
 def tag_mixer_parameters(mixer: torch.nn.Module, full_params: dict, tp_size: int, sequence_parallel: bool) -> None:
     """Set megatron's TP attributes on a mixer's parameters by comparing with a single-device build.

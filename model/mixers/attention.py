@@ -6,7 +6,8 @@
 Packed documents (``cu_seqlens``) attend through a block-diagonal causal mask.  State (the KV cache):
 ``"k"`` and ``"v"`` of shape (B, S, H_kv, d), keys stored after RoPE; a call with a cache continues
 positions at ``S`` (one-token decoding or a longer continuation).  A cache cannot be combined with
-``cu_seqlens``: the rows of a cache have one length.
+``cu_seqlens``: the rows of a cache have one length.  Under sequence parallelism the queries of this
+rank's chunk attend over the K and V all-gathered from the SP group (LASP-2H), at global positions.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from linear_moe.model.mixers.common import (
     split_heads,
     token_positions,
 )
+from linear_moe.model.parallel import active_sequence_parallel
 
 
 def causal_mask(T: int, S: int, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
@@ -71,6 +73,12 @@ class Attention(Mixer):
         q = apply_rope(split_heads(self.q_proj(x_BTD), self.num_heads), pos_BT, theta)
         k = apply_rope(split_heads(self.k_proj(x_BTD), self.num_kv_heads), pos_BT, theta)
         v = split_heads(self.v_proj(x_BTD), self.num_kv_heads)
+        sp = active_sequence_parallel()
+        if sp is not None:
+            if state is not None or output_state:
+                raise ValueError("attention: a KV cache (state / output_state) is not supported under sequence "
+                                 "parallelism; run decoding without a SequenceParallelContext")
+            return self.o_proj(merge_heads(sp.attention(q, k, v, cu_seqlens=cu_seqlens))), None
         if state is not None:
             k = torch.cat([state["k"].to(k.dtype), k], dim=1)
             v = torch.cat([state["v"].to(v.dtype), v], dim=1)

@@ -33,6 +33,7 @@ class Linears:
     """
 
     tp_size: int = 1
+    tp_rank: int = 0  # this rank's index in the TP group: its heads are [tp_rank * local, (tp_rank + 1) * local)
 
     def local_heads(self, num_heads: int, field: str = "num_heads") -> int:
         if num_heads % self.tp_size:

@@ -3,12 +3,24 @@
 Packed variable-length input follows fla's convention: ``x`` is ``(1, T_total, ...)`` and
 ``cu_seqlens`` is a ``(N + 1,)`` int64 tensor of document boundaries starting at 0 and ending at
 ``T_total``; recurrent states then carry one row per document.
+
+Under sequence parallelism (an active :class:`~linear_moe.model.parallel.SequenceParallelContext`
+with more than one rank) ``x`` is this rank's contiguous chunk and ``cu_seqlens`` stays GLOBAL
+(ending at ``T_local * SP``); :func:`check_varlen`, :func:`token_shift`, :func:`token_positions` and
+:class:`ShortConvolution` handle the chunk boundary here, in one place (see ``model/parallel/halo.py``).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from linear_moe.model.parallel.halo import (
+    active_sequence_parallel,
+    global_positions,
+    local_offsets,
+    previous_tokens,
+)
 
 
 class GatedRMSNorm(nn.Module):
@@ -53,13 +65,16 @@ def check_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> None:
     """Raise ``ValueError`` unless ``cu_seqlens`` fits ``x`` (``B == 1``, boundaries 0 .. T)."""
     if cu_seqlens is None:
         return
+    sp = active_sequence_parallel()
+    total = x.shape[1] * (1 if sp is None else sp.size)  # global offsets under SP
     if x.shape[0] != 1:
         raise ValueError(f"cu_seqlens needs packed input with batch size 1, got batch {x.shape[0]}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
-    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != x.shape[1]:
+    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total:
+        where = "" if sp is None else f" (the global length T_local * SP = {x.shape[1]} * {sp.size})"
         raise ValueError(
-            f"cu_seqlens must start at 0 and end at T={x.shape[1]}, got {cu_seqlens[0]} .. {cu_seqlens[-1]}"
+            f"cu_seqlens must start at 0 and end at T={total}{where}, got {cu_seqlens[0]} .. {cu_seqlens[-1]}"
         )
     if not bool((cu_seqlens[1:] > cu_seqlens[:-1]).all()):
         raise ValueError(f"cu_seqlens must be strictly increasing (no empty documents), got {cu_seqlens.tolist()}")
@@ -88,7 +103,14 @@ def token_positions(
     """``(B, T)`` int64 positions: ``offset_N[n] + t``, restarting at each packed document.
 
     ``offset_N`` (one entry per sequence/document) continues positions after an earlier segment.
+    Under sequence parallelism: this rank's global positions (``cu_seqlens`` global, no offset).
     """
+    sp = active_sequence_parallel()
+    if sp is not None:
+        if offset_N is not None:
+            raise ValueError("token_positions: position offsets (a decoding state) are not supported under "
+                             "sequence parallelism; run decoding without a SequenceParallelContext")
+        return global_positions(x_BT, cu_seqlens, sp)
     B, T = x_BT.shape[:2]
     if cu_seqlens is None:
         pos = torch.arange(T, device=x_BT.device).expand(B, T)
@@ -112,9 +134,15 @@ def token_shift(
     """Previous token of every position, ``x_{t-1}`` (``last_ND`` or zeros at a document start).
 
     Returns ``(x_prev_BTD, new_last_ND)`` where ``new_last_ND`` is each sequence's final token.
-    Under ``cu_seqlens`` (B == 1) rows of ``last_ND`` are documents.
+    Under ``cu_seqlens`` (B == 1) rows of ``last_ND`` are documents. Under sequence parallelism the
+    first token reads the previous rank's last one (``last_ND`` must be None, the returned last
+    tokens are this rank's).
     """
     check_varlen(x_BTD, cu_seqlens)
+    sp = active_sequence_parallel()
+    if sp is not None:
+        last_ND, cu_seqlens = halo_cache(x_BTD, 1, last_ND, cu_seqlens, "token_shift")
+        last_ND = last_ND[:, 0]
     N = num_sequences(x_BTD, cu_seqlens)
     if last_ND is None:
         last_ND = x_BTD.new_zeros(N, x_BTD.shape[-1])
@@ -126,6 +154,22 @@ def token_shift(
     x_prev = torch.cat([x_TD.new_zeros(1, x_TD.shape[-1]), x_TD[:-1]], dim=0)
     x_prev = x_prev.index_copy(0, starts, last_ND.to(x_TD.dtype))
     return x_prev.unsqueeze(0), x_TD[cu_seqlens[1:] - 1]
+
+
+def halo_cache(x_BTC: torch.Tensor, width: int, cache: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+               caller: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Under SP: the previous rank's last ``width`` tokens as a per-row cache ``(N_local, width, C)``
+    and the local offsets. Rows: batch rows, or local documents (only the first one continues from
+    the previous rank; the others start from zeros)."""
+    sp = active_sequence_parallel()
+    if cache is not None:
+        raise ValueError(f"{caller}: a decoding cache/state is not supported under sequence parallelism; "
+                         "run decoding without a SequenceParallelContext")
+    halo_BWC = previous_tokens(x_BTC, width, cu_seqlens, sp)
+    local_cu = local_offsets(cu_seqlens, sp, x_BTC.shape[1])
+    if local_cu is not None and local_cu.numel() > 2:
+        halo_BWC = torch.cat([halo_BWC, halo_BWC.new_zeros(local_cu.numel() - 2, *halo_BWC.shape[1:])])
+    return halo_BWC, local_cu
 
 
 # ---------------------------------------------------------------------- positions and norms

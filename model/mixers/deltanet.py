@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from linear_moe.kernels.delta_rule import delta_rule
 from linear_moe.model.mixers.base import SINGLE_DEVICE, Linears, Mixer, MixerState, register_mixer
 from linear_moe.model.mixers.common import (
     ConvProjection,
@@ -26,6 +25,7 @@ from linear_moe.model.mixers.common import (
     merge_heads,
     split_heads,
 )
+from linear_moe.model.parallel import current_sequence_parallel
 
 
 @register_mixer("deltanet")
@@ -61,7 +61,7 @@ class DeltaNet(Mixer):
         k = l2_normalize(split_heads(act(self.k_proj(x_BTD, "conv_k", state, new_state, cu_seqlens)), H))
         v = split_heads(act(self.v_proj(x_BTD, "conv_v", state, new_state, cu_seqlens)), H)
         beta = torch.sigmoid(self.b_proj(x_BTD).float())
-        o, S = delta_rule(
+        o, S = current_sequence_parallel().delta_rule(
             q, k, v, beta, self.log_decay(x_BTD), initial_state=None if state is None else state.get("S"),
             output_final_state=output_state, cu_seqlens=cu_seqlens,
             backend=core_backend(self.backend, x_BTD, state), chunk_size=self.config.chunk_size,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from linear_moe.kernels.gla import gla
 from linear_moe.model.mixers.base import SINGLE_DEVICE, Linears, Mixer, MixerState, register_mixer
 from linear_moe.model.mixers.common import (
     ConvProjection,
@@ -19,6 +18,7 @@ from linear_moe.model.mixers.common import (
     merge_heads,
     split_heads,
 )
+from linear_moe.model.parallel import current_sequence_parallel
 
 
 @register_mixer("gla")
@@ -49,7 +49,7 @@ class GatedLinearAttention(Mixer):
         k = split_heads(self.k_proj(x_BTD, "conv_k", state, new_state, cu_seqlens), H)
         v = split_heads(self.v_proj(x_BTD, "conv_v", state, new_state, cu_seqlens), H)
         g = F.logsigmoid(split_heads(self.gk_up(self.gk_down(x_BTD)), H).float()) / self.gate_logit_normalizer
-        o, S = gla(
+        o, S = current_sequence_parallel().gla(
             q, k, v, g, initial_state=None if state is None else state.get("S"), output_final_state=output_state,
             cu_seqlens=cu_seqlens, backend=core_backend(self.backend, x_BTD, state), chunk_size=self.config.chunk_size,
         )

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from linear_moe.kernels.gla import gla
 from linear_moe.model.mixers.base import SINGLE_DEVICE, Linears, Mixer, MixerState, register_mixer
 from linear_moe.model.mixers.common import (
     ConvProjection,
@@ -25,6 +24,7 @@ from linear_moe.model.mixers.common import (
     merge_heads,
     split_heads,
 )
+from linear_moe.model.parallel import current_sequence_parallel
 
 
 @register_mixer("gsa")
@@ -70,7 +70,8 @@ class GatedSlotAttention(Mixer):
         # pass 1: one head per (head, slot): scalar decay f[..., m], value s[..., m]
         S_k = None if state is None else state.get("S_k")
         S1_init = None if S_k is None else S_k.transpose(-1, -2).reshape(N, H * M, K, 1)
-        logits, S1 = gla(
+        cores = current_sequence_parallel()  # plain kernels, or LASP-2 across SP ranks
+        logits, S1 = cores.gla(
             q.unsqueeze(3).expand(B, T, H, M, K).reshape(B, T, H * M, K),
             k.unsqueeze(3).expand(B, T, H, M, K).reshape(B, T, H * M, K),
             s.reshape(B, T, H * M, 1), f.reshape(B, T, H * M), scale=1.0, initial_state=S1_init, **common,
@@ -78,7 +79,7 @@ class GatedSlotAttention(Mixer):
         attn = logits.reshape(B, T, H, M).float().softmax(-1).to(q.dtype)
 
         # pass 2: slots -> values with the diagonal decay over slots
-        o, S2 = gla(attn, s, v, f, scale=1.0, initial_state=None if state is None else state.get("S"), **common)
+        o, S2 = cores.gla(attn, s, v, f, scale=1.0, initial_state=None if state is None else state.get("S"), **common)
         y = self.o_proj(merge_heads(self.norm(F.silu(o))))
         if new_state is not None:
             new_state["S_k"] = S1.reshape(N, H, M, K).transpose(-1, -2).contiguous()

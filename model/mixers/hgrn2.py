@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from linear_moe.kernels.gla import gla
 from linear_moe.model.mixers.base import SINGLE_DEVICE, Linears, Mixer, MixerState, register_mixer
 from linear_moe.model.mixers.common import (
     ConvProjection,
@@ -21,6 +20,7 @@ from linear_moe.model.mixers.common import (
     merge_heads,
     split_heads,
 )
+from linear_moe.model.parallel import current_sequence_parallel
 
 
 @register_mixer("hgrn2")
@@ -46,7 +46,7 @@ class HGRN2(Mixer):
         g = F.logsigmoid(split_heads(self.f_proj(x_BTD, "conv_f", state, new_state, cu_seqlens), H).float())
         k = (1 - g.exp()).to(q.dtype)
         v = split_heads(self.i_proj(x_BTD, "conv_i", state, new_state, cu_seqlens), H)
-        o, S = gla(
+        o, S = current_sequence_parallel().gla(
             q, k, v, g, initial_state=None if state is None else state.get("S"), output_final_state=output_state,
             cu_seqlens=cu_seqlens, backend=core_backend(self.backend, x_BTD, state), chunk_size=self.config.chunk_size,
         )

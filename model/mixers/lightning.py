@@ -13,7 +13,6 @@ import math
 
 import torch
 
-from linear_moe.kernels.gla import gla
 from linear_moe.model.mixers.base import SINGLE_DEVICE, Linears, Mixer, MixerState, register_mixer
 from linear_moe.model.mixers.common import (
     ConvProjection,
@@ -24,6 +23,7 @@ from linear_moe.model.mixers.common import (
     split_heads,
 )
 from linear_moe.model.mixers.retention import local_head_slice
+from linear_moe.model.parallel import current_sequence_parallel
 
 
 def alibi_slopes(num_heads: int) -> list[float]:
@@ -66,7 +66,7 @@ class LightningAttention(Mixer):
         if self.q_proj.conv is None:  # the conv carries the silu; without it apply it here
             q, k, v = (torch.nn.functional.silu(t) for t in (q, k, v))
         g = self.log_decay_H.expand(*x_BTD.shape[:2], H)
-        o, S = gla(
+        o, S = current_sequence_parallel().gla(
             q, k, v, g, initial_state=None if state is None else state.get("S"), output_final_state=output_state,
             cu_seqlens=cu_seqlens, backend=core_backend(self.backend, x_BTD, state), chunk_size=self.config.chunk_size,
         )

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from linear_moe.kernels.gla import gla
 from linear_moe.model.mixers.base import SINGLE_DEVICE, Linears, Mixer, MixerState, register_mixer
 from linear_moe.model.mixers.common import GatedRMSNorm, check_varlen, core_backend, merge_heads, split_heads
 from linear_moe.model.mixers.feature_maps import FEATURE_MAPS, build_feature_map
+from linear_moe.model.parallel import current_sequence_parallel
 
 
 def normalized_linear_attention(q, k, v, *, scale=None, eps: float = 1e-5, **gla_kwargs):
@@ -25,7 +25,7 @@ def normalized_linear_attention(q, k, v, *, scale=None, eps: float = 1e-5, **gla
     (N, H, K, V + 1) whose last column is ``z``.  ``scale`` cancels out of the ratio but is passed on.
     """
     v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
-    o1, S = gla(q, k, v1, None, scale=scale, **gla_kwargs)
+    o1, S = current_sequence_parallel().gla(q, k, v1, None, scale=scale, **gla_kwargs)
     return o1[..., :-1] / (o1[..., -1:] + eps), S
 
 
@@ -67,6 +67,6 @@ class LinearAttention(Mixer):
         if self.normalize:
             o, S = normalized_linear_attention(q, k, v, **kwargs)
         else:
-            o, S = gla(q, k, v, None, **kwargs)
+            o, S = current_sequence_parallel().gla(q, k, v, None, **kwargs)
         y = self.o_proj(merge_heads(self.norm(o)))
         return y, ({"S": S} if output_state else None)

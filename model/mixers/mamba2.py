@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from linear_moe.kernels.gla import gla
 from linear_moe.model.mixers.base import SINGLE_DEVICE, Linears, Mixer, MixerState, register_mixer
 from linear_moe.model.mixers.common import (
     ConvProjection,
@@ -26,6 +25,7 @@ from linear_moe.model.mixers.common import (
     merge_heads,
     split_heads,
 )
+from linear_moe.model.parallel import current_sequence_parallel
 
 
 @register_mixer("mamba2")
@@ -71,7 +71,7 @@ class Mamba2(Mixer):
         k = B_.unsqueeze(2).expand(*B_.shape[:2], H, B_.shape[-1])
         q = C_.unsqueeze(2).expand(*C_.shape[:2], H, C_.shape[-1])
         v = x * dt.unsqueeze(-1).to(x.dtype)
-        y, S = gla(
+        y, S = current_sequence_parallel().gla(
             q, k, v, g, scale=1.0, initial_state=None if state is None else state.get("S"),
             output_final_state=output_state, cu_seqlens=cu_seqlens,
             backend=core_backend(self.backend, x_BTD, state), chunk_size=self.config.chunk_size,

@@ -18,8 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from linear_moe.kernels.delta_rule import delta_rule
-from linear_moe.kernels.gla import gla
 from linear_moe.model.mixers.base import SINGLE_DEVICE, Linears, Mixer, MixerState, register_mixer
 from linear_moe.model.mixers.common import (
     ConvProjection,
@@ -30,6 +28,7 @@ from linear_moe.model.mixers.common import (
     merge_heads,
     split_heads,
 )
+from linear_moe.model.parallel import current_sequence_parallel
 
 
 class Stacked(nn.ModuleList):
@@ -116,7 +115,8 @@ class MoMGLA(MixtureOfMemories):
         g = F.logsigmoid(split_heads(self.gk_up(self.gk_down(x_BTD)), q.shape[2]).float())
         mask = mask_BTE.unsqueeze(-1)
         g = g / self.gate_logit_normalizer * mask
-        return gla(q, k * mask.to(k.dtype), v, g, **self._kernel_kwargs(x_BTD, state, output_state, cu_seqlens))
+        kwargs = self._kernel_kwargs(x_BTD, state, output_state, cu_seqlens)
+        return current_sequence_parallel().gla(q, k * mask.to(k.dtype), v, g, **kwargs)
 
 
 @register_mixer("mom_gated_deltanet")
@@ -142,5 +142,6 @@ class MoMGatedDeltaNet(MixtureOfMemories):
         beta = torch.sigmoid(self.b_proj(x_BTD).float()) * mask_BTE
         dt = F.softplus(self.a_proj(x_BTD).float() + self.dt_bias.repeat(E))
         g = -torch.exp(self.A_log.float()).repeat(E) * dt * mask_BTE
-        return delta_rule(l2_normalize(q), l2_normalize(k), v, beta.to(v.dtype), g,
-                          scale=q.shape[-1] ** -0.5, **self._kernel_kwargs(x_BTD, state, output_state, cu_seqlens))
+        kwargs = self._kernel_kwargs(x_BTD, state, output_state, cu_seqlens)
+        return current_sequence_parallel().delta_rule(l2_normalize(q), l2_normalize(k), v, beta.to(v.dtype), g,
+                                                      scale=q.shape[-1] ** -0.5, **kwargs)

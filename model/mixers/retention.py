@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from linear_moe.kernels.gla import gla
 from linear_moe.model.mixers.base import SINGLE_DEVICE, Linears, Mixer, MixerState, register_mixer
 from linear_moe.model.mixers.common import (
     GatedRMSNorm,
@@ -23,6 +22,7 @@ from linear_moe.model.mixers.common import (
     split_heads,
     token_positions,
 )
+from linear_moe.model.parallel import current_sequence_parallel
 
 
 def local_head_slice(linears: Linears, num_local_heads: int) -> slice:
@@ -63,7 +63,7 @@ class MultiScaleRetention(Mixer):
         k = apply_rope(split_heads(self.k_proj(x_BTD), H), pos_BT, theta)
         v = split_heads(self.v_proj(x_BTD), H)
         g = self.log_gamma_H.expand(*x_BTD.shape[:2], H)
-        o, S = gla(
+        o, S = current_sequence_parallel().gla(
             q, k, v, g, initial_state=None if state is None else state.get("S"), output_final_state=output_state,
             cu_seqlens=cu_seqlens, backend=core_backend(self.backend, x_BTD, state), chunk_size=self.config.chunk_size,
         )

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from linear_moe.kernels.gla import gla
 from linear_moe.model.mixers.base import SINGLE_DEVICE, Linears, Mixer, MixerState, register_mixer
 from linear_moe.model.mixers.common import check_varlen, core_backend, merge_heads, split_heads, token_shift
+from linear_moe.model.parallel import current_sequence_parallel
 
 MIX_NAMES = ("r", "w", "k", "v", "g")
 
@@ -75,7 +75,7 @@ class RWKV6(Mixer):
         k = split_heads(self.k_proj(xs["k"]), H)
         v = split_heads(self.v_proj(xs["v"]), H)
         w = -torch.exp(split_heads(self.w_up(torch.tanh(self.w_down(xs["w"]))), H).float())
-        o, S = gla(
+        o, S = current_sequence_parallel().gla(
             r, k, v, w, u=self.bonus, scale=1.0, initial_state=None if state is None else state.get("S"),
             output_final_state=output_state, cu_seqlens=cu_seqlens,
             backend=core_backend(self.backend, x_BTD, state), chunk_size=self.config.chunk_size,

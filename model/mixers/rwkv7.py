@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from linear_moe.kernels.dplr import dplr
 from linear_moe.model.mixers.base import SINGLE_DEVICE, Linears, Mixer, MixerState, register_mixer
 from linear_moe.model.mixers.common import check_varlen, core_backend, l2_normalize, merge_heads, split_heads, token_shift
+from linear_moe.model.parallel import current_sequence_parallel
 
 W_SCALE = math.exp(-0.5)  # bound of the log-decay magnitude, as in RWKV7
 
@@ -96,7 +96,7 @@ class RWKV7(Mixer):
         g = self.g_lora(xg)
         kk = F.normalize(k * self.k_k, dim=-1)
         k = k * (1 + (a - 1) * self.k_a)
-        o, S = dplr(
+        o, S = current_sequence_parallel().dplr(
             r, k, v, -kk, kk * a, w, scale=1.0, initial_state=None if state is None else state.get("S"),
             output_final_state=output_state, cu_seqlens=cu_seqlens,
             backend=core_backend(self.backend, x_BTD, state), chunk_size=self.config.chunk_size,

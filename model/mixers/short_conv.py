@@ -3,7 +3,8 @@
 ``y_t = act(sum_{j<W} w[:, W-1-j] * x_{t-j})`` per channel, where inputs before a document start
 come from the cache (the previous ``W-1`` inputs, oldest first) or are zero.  Packed documents are
 handled by placing each document's cache just before it in one buffer, so a single ``conv1d``
-serves batched, packed and one-token decoding calls alike.
+serves batched, packed and one-token decoding calls alike.  Under sequence parallelism the cache
+of each rank's first sequence is the previous rank's tail (the halo, ``common.halo_cache``).
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from linear_moe.model.mixers.common import check_varlen, num_sequences
+from linear_moe.model.mixers.common import check_varlen, halo_cache, num_sequences
+from linear_moe.model.parallel.halo import active_sequence_parallel
 
 ACTIVATIONS: dict[str | None, Callable[[torch.Tensor], torch.Tensor]] = {
     None: lambda x: x,
@@ -54,6 +56,12 @@ class ShortConvolution(nn.Module):
         check_varlen(x_BTC, cu_seqlens)
         B, T, C = x_BTC.shape
         W1 = self.kernel_size - 1
+        if active_sequence_parallel() is not None:
+            if output_cache:
+                raise ValueError("ShortConvolution: output_cache (a decoding state) is not supported under "
+                                 "sequence parallelism; run decoding without a SequenceParallelContext")
+            halo_NWC, cu_seqlens = halo_cache(x_BTC, W1, cache, cu_seqlens, "ShortConvolution")
+            cache = halo_NWC.transpose(1, 2)
         N = num_sequences(x_BTC, cu_seqlens)
         if cache is None:
             cache = x_BTC.new_zeros(N, C, W1)

@@ -64,6 +64,9 @@ class SequenceParallelContext:
     def delta_rule(self, *args, **kwargs):
         return lasp2_delta_rule(*args, group=self.group, lasp_backend=self.lasp_backend, **kwargs)
 
+    def dplr(self, *args, **kwargs):
+        return lasp2_dplr(*args, group=self.group, lasp_backend=self.lasp_backend, **kwargs)
+
     def attention(self, *args, **kwargs):
         return lasp2_attention(*args, group=self.group, **kwargs)
 
@@ -255,6 +258,32 @@ def lasp2_delta_rule(
         s_in = torch.cat([s_in, s_in.new_zeros(n_seq - 1, H, K, V)])
     o, _ = op(q, k, v, beta, g, initial_state=s_in, cu_seqlens=seg.cu_seqlens, **common)
     return o, (s_final if output_final_state else None)
+
+
+def lasp2_dplr(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    gk: torch.Tensor,
+    *,
+    group=None,
+    lasp_backend: str = "auto",
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``linear_moe.kernels.dplr.dplr`` (the RWKV7 core) across the SP group.
+
+    q, k, a, b, gk: (B, T_local, H, K); v: (B, T_local, H, V); other keywords as
+    :func:`lasp2_delta_rule`. The DPLR transition ``diag(exp(gk)) + b a^T`` acts on the key axis like
+    the delta rule's, so the same augmented zero-state pass yields the (K x K) chunk map.
+    """
+    from linear_moe.kernels.dplr import dplr
+
+    def op(q_, k_, v_, _beta, _g, **op_kwargs):
+        return dplr(q_, k_, v_, a, b, gk, **op_kwargs)
+
+    return lasp2_delta_rule(q, k, v, None, None, group=group, lasp_backend=lasp_backend, op=op, **kwargs)
 
 
 def _segments(cu_seqlens, initial_state, output_final_state, group, B: int, T: int) -> LocalSegments:

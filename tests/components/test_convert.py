@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
-from megatron.core.dist_checkpointing.core import CheckpointingException
 from safetensors.torch import load_file, save_file
 
 from linear_moe.components.convert import convert, hf_to_megatron
@@ -148,17 +147,8 @@ def _completed(run: dict) -> dict:
     return run
 
 
-#: megatron assembly bug shown by the TP=2 tests (see the report): MixerAdapter has no sharded_state_dict,
-#: so megatron declares the mixer's TP-split parameters as replicated full tensors.
-MIXER_TP_SHARDING = pytest.mark.xfail(
-    strict=True, raises=ProcessException,
-    reason="model/megatron/mixer_adapter.py: MixerAdapter.sharded_state_dict must declare TP-split mixer "
-    "parameters with their partition_dim (make_sharded_tensors_for_checkpoint axis map); remove once fixed")
-
-
 @pytest.mark.distributed
 @pytest.mark.xdist_group("dist")
-@MIXER_TP_SHARDING
 def test_hf_to_megatron_loads_in_tp2_ep2_with_hf_logits(tp2_ep2_run):
     tp2_ep2_run = _completed(tp2_ep2_run)
     assert_rel_close("tp2/ep2 logits of the hf_to_megatron checkpoint", tp2_ep2_run["hf_logits"],
@@ -167,7 +157,6 @@ def test_hf_to_megatron_loads_in_tp2_ep2_with_hf_logits(tp2_ep2_run):
 
 @pytest.mark.distributed
 @pytest.mark.xdist_group("dist")
-@MIXER_TP_SHARDING
 def test_tp2_ep2_export_matches_megatron_logits(tp2_ep2_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -208,9 +197,6 @@ def test_checkpoint_with_wrong_model_config_names_the_tensor(hf_checkpoint, tmp_
 
 
 @pytest.mark.xdist_group("dist")
-@pytest.mark.xfail(strict=True, raises=CheckpointingException, reason="megatron assembly stacks layers in its sharded state dict; a mixed "
-                   "layer pattern needs TransformerConfig(hetereogenous_dist_checkpoint=True) in "
-                   "model/megatron/config.py (remove this marker once it is set)")
 def test_hybrid_pattern_roundtrip_is_bit_identical(tmp_path):
     """Attention + LSM and MoE + dense layers: each key exists in only some layers."""
     model_config = preset("tiny-hybrid", layer_pattern="LlAa", **MODEL)

@@ -1,68 +1,135 @@
-"""Compile the real DAG (components/<step>/kfp_component.py) and check it against the contract.
-
-Skipped only while the train component (and so the rest of the chain) is not importable yet.
-"""
-import importlib.util
+"""Compile the real DAG (components/<step>/kfp_component.py) and check the IR against the contract
+in pipelines/pipeline.py: edges, data edges, parameter wiring and defaults, artifact types, placement."""
+import inspect
 
 import pytest
 import yaml
 
 from linear_moe.pipelines import pipeline as pl
+from linear_moe.pipelines import trainjob
+
+# The contract table of pipelines/pipeline.py: (consumer task, input) -> (producer task, output).
+DATA_EDGES = {
+    ("train-component", "data"): ("tokenize-component", "dataset"),
+    ("convert-component", "checkpoint"): ("train-component", "checkpoint"),
+    ("convert-component", "dataset"): ("tokenize-component", "dataset"),
+    ("evaluate-component", "model"): ("convert-component", "hf_model"),
+    ("evaluate-component", "data"): ("tokenize-component", "dataset"),
+    ("evaluate-component", "train_metrics"): ("train-component", "checkpoint"),
+}
+OUTPUT_TYPES = {
+    ("comp-tokenize-component", "dataset"): "system.Dataset",
+    ("comp-tokenize-component", "stats"): "system.Metrics",
+    ("comp-train-component", "checkpoint"): "system.Model",
+    ("comp-train-component", "metrics"): "system.Metrics",
+    ("comp-convert-component", "hf_model"): "system.Model",
+    ("comp-evaluate-component", "metrics"): "system.Metrics",
+    ("comp-evaluate-component", "report"): "system.HTML",
+    ("comp-evaluate-component", "table"): "system.Markdown",
+}
 
 
-def _importable(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ImportError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _importable("linear_moe.components.train.kfp_component"),
-                                reason="linear_moe.components.train.kfp_component is not written yet")
-
-
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    path = tmp_path_factory.mktemp("kfp") / "pipeline.yaml"
-    pl.compile_pipeline(str(path))
+def _compile(path, options=pl.ClusterOptions()):
+    pl.compile_pipeline(str(path), options)
     docs = list(yaml.safe_load_all(path.read_text()))
     return docs[0], (docs[1] if len(docs) > 1 else {})
 
 
-def _upstream(task_spec) -> set[str]:
-    producers = {a["taskOutputArtifact"]["producerTask"] for a in task_spec.get("inputs", {}).get("artifacts", {}).values()
-                 if "taskOutputArtifact" in a}
-    return producers | set(task_spec.get("dependentTasks", []))
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    return _compile(tmp_path_factory.mktemp("kfp") / "pipeline.yaml")
 
 
 def test_dag_edges_chain_tokenize_train_convert_evaluate(compiled):
     spec, _ = compiled
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == {f"{s}-component" for s in pl.STEPS}
-    assert _upstream(tasks["tokenize-component"]) == set()
-    assert "tokenize-component" in _upstream(tasks["train-component"])
-    assert "train-component" in _upstream(tasks["convert-component"])
-    assert "convert-component" in _upstream(tasks["evaluate-component"])
+    edges = {(task, name): (src["taskOutputArtifact"]["producerTask"], src["taskOutputArtifact"]["outputArtifactKey"])
+             for task, task_spec in tasks.items()
+             for name, src in task_spec.get("inputs", {}).get("artifacts", {}).items()}
+    assert edges == DATA_EDGES
+    assert "dependentTasks" not in tasks["tokenize-component"]
+    for consumer, producer in [("train", "tokenize"), ("convert", "train"), ("evaluate", "convert")]:
+        assert f"{producer}-component" in tasks[f"{consumer}-component"]["dependentTasks"]
 
 
-def test_parameter_defaults(compiled):
+def test_every_parameter_reaches_the_steps_that_declare_it(compiled):
+    """Reference: each component's own input list; a pipeline parameter nobody reads is a dead flag."""
+    spec, _ = compiled
+    read = set()
+    for task, task_spec in spec["root"]["dag"]["tasks"].items():
+        declared = spec["components"][task_spec["componentRef"]["name"]]["inputDefinitions"].get("parameters", {})
+        wired = task_spec["inputs"].get("parameters", {})
+        for name in declared:
+            source = pl.ALIASES.get(name, name)
+            if source in pl.DEFAULTS:
+                assert wired[name] == {"componentInputParameter": source}, (task, name)
+                read.add(source)
+            else:
+                assert name not in wired, (task, name)
+    assert read == set(pl.DEFAULTS)
+
+
+def test_parameter_defaults_and_types(compiled):
     spec, _ = compiled
     params = spec["root"]["inputDefinitions"]["parameters"]
+    assert set(params) == set(pl.DEFAULTS)
+    kinds = {bool: "BOOLEAN", int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", str: "STRING"}
     for name, default in pl.DEFAULTS.items():
+        assert params[name]["parameterType"] == kinds[type(default)], name
         assert params[name].get("defaultValue", "") == default, name
+
+
+def test_pipeline_signature_matches_defaults():
+    signature = inspect.signature(pl.build_pipeline().pipeline_func)
+    assert {name: p.default for name, p in signature.parameters.items()} == pl.DEFAULTS
 
 
 def test_artifact_types(compiled):
     spec, _ = compiled
     types = {(name, art): value["artifactType"]["schemaTitle"] for name, comp in spec["components"].items()
              for art, value in comp.get("outputDefinitions", {}).get("artifacts", {}).items()}
-    assert types[("comp-tokenize-component", "dataset")] == "system.Dataset"
-    assert types[("comp-train-component", "checkpoint")] == "system.Model"
-    assert types[("comp-convert-component", "hf_model")] == "system.Model"
-    assert types[("comp-evaluate-component", "metrics")] == "system.Metrics"
+    assert {key: types[key] for key in OUTPUT_TYPES} == OUTPUT_TYPES
+    inputs = {(name, art): value["artifactType"]["schemaTitle"] for name, comp in spec["components"].items()
+              for art, value in comp.get("inputDefinitions", {}).get("artifacts", {}).items()}
+    assert inputs[("comp-train-component", "data")] == "system.Dataset"
+    assert inputs[("comp-evaluate-component", "model")] == "system.Model"
 
 
-def test_train_step_mounts_the_workspace(compiled):
-    _, platform = compiled
+def test_train_component_workspace_defaults_match_the_launcher(compiled):
+    """The train task mounts the PVC where the TrainJob pods mount it, under the launcher's names."""
+    spec, platform = compiled
+    defaults = {name: p.get("defaultValue")
+                for name, p in spec["components"]["comp-train-component"]["inputDefinitions"]["parameters"].items()}
+    assert defaults["workspace"] == pl.WORKSPACE_MOUNT == trainjob.WORKSPACE
+    assert defaults["trainjob_namespace"] == pl.DEFAULTS["trainjob_namespace"] == trainjob.NAMESPACE
+    assert defaults["workspace_pvc"] == pl.DEFAULTS["workspace_pvc"] == trainjob.PVC
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert executors["exec-train-component"]["pvcMount"][0]["mountPath"] == pl.WORKSPACE_MOUNT
+    (mount,) = executors["exec-train-component"]["pvcMount"]
+    assert mount["mountPath"] == pl.WORKSPACE_MOUNT
+    assert mount["taskOutputParameter" if "taskOutputParameter" in mount else "componentInputParameter"] \
+        == "workspace_pvc"
+
+
+def test_placement_resources_caching_and_gpu(tmp_path):
+    options = pl.ClusterOptions()
+    options.resources["train"] = pl.Resources(gpus=4)
+    spec, platform = _compile(tmp_path / "p.yaml", options)
+    train_exec = spec["deploymentSpec"]["executors"]["exec-train-component"]["container"]["resources"]
+    assert train_exec["accelerator"]["resourceCount"] == "4"
+    assert train_exec["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    tok_exec = spec["deploymentSpec"]["executors"]["exec-tokenize-component"]["container"]["resources"]
+    assert tok_exec["resourceCpuLimit"] == "4" and "accelerator" not in tok_exec
+    assert all(task["cachingOptions"].get("enableCache") for task in spec["root"]["dag"]["tasks"].values())
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert k8s["exec-train-component"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert k8s["exec-train-component"]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+    assert "exec-tokenize-component" not in k8s or "tolerations" not in k8s["exec-tokenize-component"]
+
+
+def test_every_step_runs_in_the_project_image(compiled):
+    from linear_moe.pipelines.images import PROJECT_IMAGE
+
+    spec, _ = compiled
+    images = {name: ex["container"]["image"] for name, ex in spec["deploymentSpec"]["executors"].items()}
+    assert images == {f"exec-{s}-component": PROJECT_IMAGE for s in pl.STEPS}

@@ -43,7 +43,10 @@ def test_submit_unreachable_host_is_a_clear_error(monkeypatch, capsys, valid_mix
     (["--preset", "huge"], "unknown preset"),
     (["--layer-pattern", "LLQ"], "unknown symbol 'Q'"),
     (["--tensor-parallel", "3", "--nodes", "1", "--gpus-per-node", "8"], "does not divide"),
-])
+    (["--expert-parallel", "16", "--nodes", "1", "--gpus-per-node", "8"], "expert_parallel"),
+    (["--model-overrides", "{hidden_size: 8"], "is not valid JSON"),
+    (["--model-overrides", '{"hidden_sise": 8}'], "hidden_sise"),
+], ids=["preset", "pattern", "tp", "ep", "json", "field"])
 def test_submit_rejects_bad_parameters_before_contacting_the_host(capsys, valid_mixer, argv, match):
     host = f"http://127.0.0.1:{_closed_port()}"  # never reached: validation comes first
     assert cli.main(["submit", "--host", host, "--lsm-mixer", valid_mixer, *argv]) == 2
@@ -89,12 +92,18 @@ def test_submit_creates_a_run_and_returns_its_url(tmp_path):
     assert kwargs["service_account"] == "linear-moe-launcher"
 
 
-def test_compile_command_writes_the_ir(monkeypatch, tmp_path, capsys):
+def test_run_local_rejects_parallel_sizes_for_one_process(capsys, valid_mixer, tmp_path):
+    """run-local trains in one process: any model-parallel size > 1 fails before a step runs."""
+    root = tmp_path / "root"
+    assert cli.main(["run-local", "--pipeline-root", str(root), "--lsm-mixer", valid_mixer,
+                     "--tensor-parallel", "2"]) == 2
+    assert "does not divide world size 1" in capsys.readouterr().err
+    assert not root.exists()
+
+
+def test_compile_command_writes_the_ir(tmp_path):
     import yaml
 
-    from test_pipeline_dag import STUBS
-
-    monkeypatch.setattr(pl, "load_component", lambda step: STUBS[step])
     out = tmp_path / "p.yaml"
     assert cli.main(["compile", "-o", str(out), "--train-gpus", "2", "--no-cache"]) == 0
     spec = next(yaml.safe_load_all(out.read_text()))

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# The GPU benchmark suite in one script, for an H100/H200 machine with no network (Python 3.12,
+# torch + triton preinstalled, fla and megatron-core carried as wheels in .whl/). Run it from the
+# repository root; results land in $OUT (default benchmarks/results/gpu):
+#
+#     bash benchmarks/gpu_suite.sh            # device tool: carry [".whl"]; about 7.5 minutes
+#
+#   kernels_gpu.json / kernels.log   benchmarks.bench_kernels --device cuda (gla, delta_rule)
+#   sp_gpu.json      / sp.log        benchmarks.bench_sp --device cuda (if the file exists)
+#   train_gpu.json   / train.log     benchmarks.bench_train --device cuda --suite gpu-lengths
+#   suite.log                        environment, exit codes (124 = timed out), summary
+#
+# Each step has its own timeout and one failure does not stop the others (set +e).
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+set +e
+OUT=${OUT:-$PWD/benchmarks/results/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+LOG="$OUT/suite.log"
+log() { echo "$*" | tee -a "$LOG"; }
+
+# The project imports as linear_moe.<folder> (setup.py's package-dir mapping): an editable install
+# where setuptools allows it, else a namespace package of symlinks under /tmp/site.
+importable() { python3 -c "import linear_moe.model, linear_moe.kernels, linear_moe.components" 2>/dev/null; }
+if ! importable; then
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >>"$LOG" 2>&1
+fi
+if ! importable; then
+  log "editable install unavailable: linking the folders under /tmp/site/linear_moe"
+  mkdir -p /tmp/site/linear_moe
+  for folder in model kernels components pipelines; do ln -sfn "$PWD/$folder" "/tmp/site/linear_moe/$folder"; done
+fi
+importable || log "ERROR: linear_moe is not importable; the steps below will fail"
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 - <<'EOF'
+import importlib.metadata as md, platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+for name in ("triton", "fla-core", "flash-linear-attention", "megatron-core", "transformers", "einops"):
+    try:
+        print(name, md.version(name))
+    except md.PackageNotFoundError:
+        print(name, "MISSING")
+for mod in ("grouped_gemm", "transformer_engine", "apex", "flash_attn"):
+    try:
+        __import__(mod); print(mod, "present")
+    except Exception:
+        print(mod, "absent")
+EOF
+} 2>&1 | tee -a "$LOG"
+
+# step NAME TIMEOUT_S COMMAND...: run with a timeout, log to $OUT/NAME.log, record the exit code
+EXIT_CODES=""
+step() {
+  local name=$1 limit=$2; shift 2
+  log "== $name (timeout ${limit}s): $*"
+  local start=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  EXIT_CODES+="$name=$rc "
+  log "== $name: exit $rc after $((SECONDS - start)) s"
+}
+
+step kernels 120 python3 -m benchmarks.bench_kernels --device cuda --ops gla,delta_rule \
+  --seq-lens 1024,2048,4096,8192 --repeats 3 --max-seconds 15 --out "$OUT/kernels_gpu.json"
+if [ -f benchmarks/bench_sp.py ]; then
+  step sp 75 python3 -m benchmarks.bench_sp --device cuda --out "$OUT/sp_gpu.json"
+else
+  log "== sp: benchmarks/bench_sp.py absent, skipped"
+fi
+step train 255 python3 -m benchmarks.bench_train --device cuda --suite gpu-lengths --layers 4 \
+  --lengths 2048,4096,8192,16384 --tokens-per-step 32768 --mixers gla,softmax,gated_deltanet \
+  --warmup 2 --steps 3 --budget-s 200 --out "$OUT/train_gpu.json"
+
+log "== summary (exit codes, 124 = timed out: $EXIT_CODES)"
+python3 - "$OUT" <<'EOF' 2>&1 | tee -a "$LOG"
+import json, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+
+def load(name):
+    path = out / name
+    if not path.is_file():
+        print(f"{name}: not written")
+        return None
+    return json.loads(path.read_text())
+
+kernels = load("kernels_gpu.json")
+if kernels:
+    for key, values in kernels.get("summary", {}).items():
+        print("kernels", key, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in values.items()})
+sp = load("sp_gpu.json")
+if sp:
+    print("sp: comm rows", len(sp.get("comm", [])), "| correction rows", len(sp.get("correction", []) or []))
+train = load("train_gpu.json")
+if train:
+    print("train on", train["device_name"], "|", train["compares"])
+    for case in train["cases"]:
+        if case["status"] == "ok":
+            print(f"  {case['name']:>22}  {case['tokens_per_s']:>10.0f} tok/s  peak {case['peak_memory_mb']:>8.0f} MiB"
+                  f"  step_fn {case['step_fn']}")
+        else:
+            print(f"  {case['name']:>22}  {case['status']}: {case.get('error', case.get('reason', ''))[:160]}")
+    for mixer, s in train.get("summary", {}).items():
+        if "max_over_min" not in s:
+            print(f"  {mixer}: no length measured {s.get('lengths_not_ok')}")
+            continue
+        print(f"  {mixer}: max/min over lengths {s['max_over_min']:.2f}, drop shortest->longest "
+              f"{s['drop_shortest_to_longest']:.1%}", {k: round(v, 2) for k, v in s.get("over_softmax", {}).items()},
+              s.get("lengths_not_ok", ""))
+EOF
+exit 0
