@@ -22,7 +22,11 @@ class TrainingModel:
                               expert=ps.get_expert_model_parallel_world_size())
         self.model_config = model_config
         self.config = transformer_config(model_config, sizes)
-        self.chunks = [wrap_ddp(build_gpt_model(model_config, self.config), self.config)]
+        model = build_gpt_model(model_config, self.config)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cuda":  # megatron's get_model does the same: every module on the GPU, in params_dtype
+            model = model.to(device=self.device, dtype=self.config.params_dtype)
+        self.chunks = [wrap_ddp(model, self.config)]
         self.seq_length = seq_length
         self.micro_batch_size = micro_batch_size
         self.last_grad_norm = float("nan")
@@ -69,6 +73,7 @@ class TrainingModel:
 
         from linear_moe.model.megatron import lm_forward_step
 
+        batches = [{key: value.to(self.device, non_blocking=True) for key, value in batch.items()} for batch in batches]
         return get_forward_backward_func()(
             forward_step_func=lm_forward_step, data_iterator=iter(batches), model=self.chunks,
             num_microbatches=len(batches), seq_length=self.seq_length, micro_batch_size=self.micro_batch_size,
@@ -79,7 +84,7 @@ class TrainingModel:
         """Mean micro-batch loss over data-parallel ranks, broadcast from the last pipeline stage."""
         from megatron.core import parallel_state as ps
 
-        value = torch.zeros(2, dtype=torch.float64)
+        value = torch.zeros(2, dtype=torch.float64, device=self.device)
         if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and losses:
             value[0] = torch.stack([item["lm loss"].double() for item in losses]).mean()
             value[1] = 1.0
@@ -91,7 +96,8 @@ class TrainingModel:
         from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-        dense, expert = torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+        dense = torch.zeros(1, dtype=torch.float64, device=self.device)
+        expert = torch.zeros(1, dtype=torch.float64, device=self.device)
         params = [p for p in self.parameters() if p.grad is not None]
         for param in params:
             if not param_is_not_tensor_parallel_duplicate(param):
@@ -130,16 +136,16 @@ class TrainingModel:
         from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
         tracker = get_moe_layer_wise_logging_tracker()
-        aux = torch.zeros(1, dtype=torch.float64)
+        aux = torch.zeros(1, dtype=torch.float64, device=self.device)
         for name, entry in tracker.items():
             if "loss" in name:
-                aux += entry["values"].detach().double().sum()
+                aux += entry["values"].detach().double().sum().to(self.device)
         layers = self.model_config.layer_kinds
         moe_layers = [i + 1 for i, kind in enumerate(layers) if kind.is_moe]
-        counts = torch.zeros(len(moe_layers), self.model_config.num_experts, dtype=torch.float64)
+        counts = torch.zeros(len(moe_layers), self.model_config.num_experts, dtype=torch.float64, device=self.device)
         for row, layer_number in enumerate(moe_layers):
             if layer_number in self._tokens_per_expert:
-                counts[row] = self._tokens_per_expert[layer_number]
+                counts[row] = self._tokens_per_expert[layer_number].to(self.device)
         if moe_layers:
             # routers see TP-replicated (sequence-parallel: TP-split) tokens; sum over every rank's shard
             from megatron.core import parallel_state as ps
@@ -149,4 +155,4 @@ class TrainingModel:
             counts = counts_and_aux[:-1].view_as(counts)
             aux = counts_and_aux[-1:] / dist.get_world_size()
         fractions = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
-        return {"aux_loss": float(aux), "expert_load": fractions.tolist()}
+        return {"aux_loss": float(aux), "expert_load": fractions.cpu().tolist()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from linear_moe.model.config import ModelConfig
+from linear_moe.model.megatron.init import initialize_parameters
 from linear_moe.model.megatron.specs import block_spec
 
 
@@ -16,8 +17,9 @@ def build_gpt_model(model_config: ModelConfig, config, attention_mixer: str = "a
     position table. ``forward(input_ids_BT, position_ids_BT, attention_mask=None, labels=labels_BT)``
     returns the per-token loss ``(B, T)`` on the last stage.
 
-    Parameters are initialised from the CPU generator seeded with ``seed`` (restored afterwards), the
-    same on every rank, so TP-replicated mixer parameters start equal on all tensor-parallel ranks.
+    Parameters are then re-initialised from their global identity (:func:`~linear_moe.model.megatron.init.
+    initialize_parameters` with ``seed``), so the gathered initial model is the same for every layout.
+    The CPU generator is left as it was.
     """
     from megatron.core import parallel_state
 
@@ -33,7 +35,9 @@ def build_gpt_model(model_config: ModelConfig, config, attention_mixer: str = "a
         )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _gpt_model(model_config, config, attention_mixer, pipeline_size, pipeline_rank)
+        model = _gpt_model(model_config, config, attention_mixer, pipeline_size, pipeline_rank)
+    pass  # MUTATION
+    return model
 
 
 def _gpt_model(model_config, config, attention_mixer, pipeline_size, pipeline_rank):

@@ -54,6 +54,8 @@ def initialize_parallel(sizes: ParallelSizes, seed: int = 1234) -> None:
     from linear_moe.model.megatron.cpu_compat import apply_cpu_patches
 
     apply_cpu_patches()
+    if torch.cuda.is_available():  # without Transformer Engine the router GEMM needs this one on GPU too
+        apply_cpu_patches(("te_general_gemm",), force=True)
     if not torch.distributed.is_initialized():
         raise ValueError("initialize_parallel: call torch.distributed.init_process_group first (gloo on CPU)")
     sizes.data_parallel(torch.distributed.get_world_size())

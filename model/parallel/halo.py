@@ -54,7 +54,7 @@ def previous_tokens(x_BTC: torch.Tensor, width: int, cu_seqlens: torch.Tensor | 
         return x_BTC.new_zeros(B, 0, C)
     tail = min(width, T)
     gathered_BLC = all_gather_sequence(x_BTC[:, T - tail:], ctx.group, dim=1)  # (B, W_sp * tail, C)
-    before_BLC = gathered_BLC[:, max(ctx.rank - 1, 0) * tail: ctx.rank * tail]
+    before_BLC = gathered_BLC[:, : ctx.rank * tail]
     pad = width - before_BLC.shape[1]
     if pad > 0:
         before_BLC = torch.cat([before_BLC.new_zeros(B, pad, C), before_BLC], dim=1)

@@ -47,7 +47,12 @@ def test_dag_edges_chain_tokenize_train_convert_evaluate(compiled):
     edges = {(task, name): (src["taskOutputArtifact"]["producerTask"], src["taskOutputArtifact"]["outputArtifactKey"])
              for task, task_spec in tasks.items()
              for name, src in task_spec.get("inputs", {}).get("artifacts", {}).items()}
-    assert edges == DATA_EDGES
+    # convert reads the dataset (for its tokenizer/) as "dataset" or "data", both wired to tokenize's output
+    convert_inputs = spec["components"]["comp-convert-component"]["inputDefinitions"]["artifacts"]
+    (data_name,) = {"data", "dataset"} & set(convert_inputs)
+    expected = {(key if key != ("convert-component", "dataset") else ("convert-component", data_name)): value
+                for key, value in DATA_EDGES.items()}
+    assert edges == expected
     assert "dependentTasks" not in tasks["tokenize-component"]
     for consumer, producer in [("train", "tokenize"), ("convert", "train"), ("evaluate", "convert")]:
         assert f"{producer}-component" in tasks[f"{consumer}-component"]["dependentTasks"]
@@ -107,8 +112,7 @@ def test_train_component_workspace_defaults_match_the_launcher(compiled):
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     (mount,) = executors["exec-train-component"]["pvcMount"]
     assert mount["mountPath"] == pl.WORKSPACE_MOUNT
-    assert mount["taskOutputParameter" if "taskOutputParameter" in mount else "componentInputParameter"] \
-        == "workspace_pvc"
+    assert mount["pvcNameParameter"] == {"componentInputParameter": "workspace_pvc"}
 
 
 def test_placement_resources_caching_and_gpu(tmp_path):
