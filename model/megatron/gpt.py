@@ -36,7 +36,7 @@ def build_gpt_model(model_config: ModelConfig, config, attention_mixer: str = "a
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _gpt_model(model_config, config, attention_mixer, pipeline_size, pipeline_rank)
-    pass  # MUTATION
+    initialize_parameters(model, model_config, config, seed)
     return model
 
 

@@ -53,8 +53,9 @@ class LightningAttention(Mixer):
         self.norm = GatedRMSNorm(V, config.norm_eps)
         self.o_proj = linears.row(H * V, D)
         depth = 1 - layer_idx / (config.num_layers - 1) + 1e-5 if config.num_layers > 1 else 1.0
-        slopes = torch.tensor(alibi_slopes(H), dtype=torch.float32)[local_head_slice(linears, Hl)] * depth
-        self.register_buffer("log_decay_H", -slopes, persistent=False)
+        # a constant of the architecture, not state: plain floats stay out of state dicts and survive
+        # meta-device construction (transformers' from_pretrained)
+        self.log_decay_H: tuple[float, ...] = tuple(-s * depth for s in alibi_slopes(H)[local_head_slice(linears, Hl)])
 
     def forward(self, x_BTD, state: MixerState | None = None, cu_seqlens=None, output_state: bool = False):
         check_varlen(x_BTD, cu_seqlens)
@@ -65,7 +66,7 @@ class LightningAttention(Mixer):
         v = split_heads(self.v_proj(x_BTD, "conv_v", state, new_state, cu_seqlens), H)
         if self.q_proj.conv is None:  # the conv carries the silu; without it apply it here
             q, k, v = (torch.nn.functional.silu(t) for t in (q, k, v))
-        g = self.log_decay_H.expand(*x_BTD.shape[:2], H)
+        g = torch.tensor(self.log_decay_H, device=x_BTD.device).expand(*x_BTD.shape[:2], H)
         o, S = current_sequence_parallel().gla(
             q, k, v, g, initial_state=None if state is None else state.get("S"), output_final_state=output_state,
             cu_seqlens=cu_seqlens, backend=core_backend(self.backend, x_BTD, state), chunk_size=self.config.chunk_size,

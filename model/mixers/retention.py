@@ -9,6 +9,8 @@ number of tokens already seen (rotary positions continue from it).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from linear_moe.model.mixers.base import SINGLE_DEVICE, Linears, Mixer, MixerState, register_mixer
@@ -45,8 +47,10 @@ class MultiScaleRetention(Mixer):
         self.g_proj = linears.column(D, H * V)
         self.norm = GatedRMSNorm(V, config.norm_eps)
         self.o_proj = linears.row(H * V, D)
-        heads = torch.arange(H, dtype=torch.float64)[local_head_slice(linears, self.num_heads)]
-        self.register_buffer("log_gamma_H", torch.log1p(-(2.0 ** (-5.0 - heads))).float(), persistent=False)
+        # a constant of the architecture, not state: plain floats stay out of state dicts and survive
+        # meta-device construction (transformers' from_pretrained)
+        heads = range(H)[local_head_slice(linears, self.num_heads)]
+        self.log_gamma_H: tuple[float, ...] = tuple(math.log1p(-(2.0 ** (-5.0 - h))) for h in heads)
 
     @classmethod
     def validate_config(cls, config) -> None:
@@ -62,7 +66,7 @@ class MultiScaleRetention(Mixer):
         q = apply_rope(split_heads(self.q_proj(x_BTD), H), pos_BT, theta)
         k = apply_rope(split_heads(self.k_proj(x_BTD), H), pos_BT, theta)
         v = split_heads(self.v_proj(x_BTD), H)
-        g = self.log_gamma_H.expand(*x_BTD.shape[:2], H)
+        g = torch.tensor(self.log_gamma_H, device=x_BTD.device).expand(*x_BTD.shape[:2], H)
         o, S = current_sequence_parallel().gla(
             q, k, v, g, initial_state=None if state is None else state.get("S"), output_final_state=output_state,
             cu_seqlens=cu_seqlens, backend=core_backend(self.backend, x_BTD, state), chunk_size=self.config.chunk_size,

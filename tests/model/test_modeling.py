@@ -34,7 +34,7 @@ def test_tiny_model_overfits_a_small_batch(mixer, pattern):
     assert losses[-1] < 0.25 * losses[0], f"{mixer}/{pattern} did not overfit: {losses[0]:.3f} -> {losses[-1]:.3f}"
 
 
-@pytest.mark.parametrize("mixer", ["gla", "deltanet", "mamba2"])
+@pytest.mark.parametrize("mixer", LSM_MIXERS)
 def test_save_and_reload_gives_identical_logits(tmp_path, mixer):
     model = tiny_model(mixer, "LA")
     batch = torch.randint(0, 512, (2, 20))
