@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env repro test test-fast bench image lint clean
+.PHONY: env repro test test-fast bench image clean
 
 env: $(STAMP)
 
@@ -32,12 +32,18 @@ test: env
 test-fast: env
 	$(PY) -m pytest -n 2 -q -m "not slow and not distributed and not e2e"
 
+# Benchmarks write JSON under benchmarks/results/ (CPU); on a GPU machine run benchmarks/gpu_suite.sh.
 bench: env
-	$(PY) -m benchmarks.bench_kernels --out benchmarks/results/kernels_cpu.json
+	$(PY) -m benchmarks.bench_kernels --ops gla,delta_rule --out benchmarks/results/kernels_cpu.json
+	$(PY) -m benchmarks.bench_tokenize --out benchmarks/results/tokenize_cpu.json
+	$(PY) -m benchmarks.bench_train --suite cpu-tiny --out benchmarks/results/train_cpu.json
+	$(PY) -m benchmarks.bench_sp --out benchmarks/results/sp_cpu.json
 
+# The image the KFP components and the TrainJob run (pipelines/images.py, k8s overlays).
+IMAGE ?= ghcr.io/linear-moe/linear-moe:0.1.0
 image:
-	docker build --target cpu -t linear-moe:cpu .
-	docker build --target gpu -t linear-moe:gpu .
+	docker build --target cpu -t $(IMAGE) .
+	docker build --target gpu -t $(IMAGE)-gpu .
 
 clean:
 	rm -rf $(VENV) .pytest_cache

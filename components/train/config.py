@@ -14,6 +14,9 @@ from typing import Any
 from linear_moe.model import ModelConfig, preset
 
 
+RECOMPUTE_MODES = ("none", "full", "selective")
+
+
 @dataclass
 class TrainConfig:
     # --- model ---
@@ -42,6 +45,7 @@ class TrainConfig:
     pipeline_parallel: int = 1
     expert_parallel: int = 1
     sequence_parallel: int = 1  # LASP-2 sequence-parallel group size for LSM layers
+    recompute: str = "none"  # activation recomputation: none | full | selective (megatron's granularities)
 
     # --- evaluation, checkpoints, logs ---
     eval_interval: int = 50  # steps between validation-loss evaluations (0 disables)
@@ -62,6 +66,7 @@ class TrainConfig:
         _check(self.lr > 0 and 0 <= self.min_lr <= self.lr, "min_lr",
                f"need 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         _check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
+        _check(self.recompute in RECOMPUTE_MODES, "recompute", f"{self.recompute!r} not in {RECOMPUTE_MODES}")
         self.model_config()  # raises ValueError naming the bad model field or preset
 
     def model_config(self) -> ModelConfig:

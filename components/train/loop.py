@@ -125,7 +125,8 @@ def preflight(config: TrainConfig, world_size: int):
 def _build_model(model_config, config: TrainConfig):
     from linear_moe.components.train.step import TrainingModel
 
-    return TrainingModel(model_config, seq_length=config.seq_length, micro_batch_size=config.micro_batch_size)
+    return TrainingModel(model_config, seq_length=config.seq_length, micro_batch_size=config.micro_batch_size,
+                         recompute=config.recompute)
 
 
 def _build_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:

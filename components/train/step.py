@@ -12,7 +12,7 @@ import torch.distributed as dist
 class TrainingModel:
     """This rank's DDP-wrapped model chunk(s) and the step functions that drive them."""
 
-    def __init__(self, model_config, *, seq_length: int, micro_batch_size: int):
+    def __init__(self, model_config, *, seq_length: int, micro_batch_size: int, recompute: str = "none"):
         from megatron.core import parallel_state as ps
 
         from linear_moe.model.megatron import ParallelSizes, build_gpt_model, transformer_config, wrap_ddp
@@ -21,7 +21,7 @@ class TrainingModel:
                               pipeline=ps.get_pipeline_model_parallel_world_size(),
                               expert=ps.get_expert_model_parallel_world_size())
         self.model_config = model_config
-        self.config = transformer_config(model_config, sizes)
+        self.config = transformer_config(model_config, sizes, recompute=None if recompute == "none" else recompute)
         model = build_gpt_model(model_config, self.config)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         if self.device.type == "cuda":  # megatron's get_model does the same: every module on the GPU, in params_dtype
