@@ -58,7 +58,9 @@ def transformer_config(
         _check_divisible(mc, field, getattr(mc, field), dim, getattr(parallel, dim))
     on_gpu = torch.cuda.is_available()
     if moe_grouped_gemm is None:
-        moe_grouped_gemm = on_gpu and _grouped_gemm_available()
+        # off by default: layout-independent init (init.py) and the HF converter (state_dict.py) know
+        # the per-expert SequentialMLP layout, not megatron's packed GroupedMLP weights
+        moe_grouped_gemm = False
     if params_dtype is None:
         params_dtype = torch.bfloat16 if on_gpu else torch.float32
     has_moe = any(kind.is_moe for kind in mc.layer_kinds)
@@ -124,10 +126,6 @@ def transformer_config(
     return TransformerConfig(**fields)
 
 
-def _grouped_gemm_available() -> bool:
-    from megatron.core.transformer.moe import grouped_gemm_util
-
-    return grouped_gemm_util.grouped_gemm_is_available()
 
 
 def _check_divisible(mc: ModelConfig, field: str, value: int, dim: str, size: int) -> None:

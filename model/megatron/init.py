@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megatron.core.transformer.moe.experts import GroupedMLP
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from torch import nn
@@ -64,6 +65,12 @@ INIT_RULES: dict[type, dict[str, Fill]] = {
     SharedExpertMLP: {"gate_weight": _init_method},
     nn.RMSNorm: {"weight": _ones},
     nn.LayerNorm: {"weight": _ones, "bias": _zeros},
+}
+
+#: module class -> why it has no rule and what to build instead
+UNSUPPORTED: dict[type, str] = {
+    GroupedMLP: "legacy grouped-GEMM experts pack every local expert into weight1/weight2, which the state-dict "
+                "layout does not describe; build with transformer_config(..., moe_grouped_gemm=False)",
 }
 
 #: a tied output layer (last stage of a pipeline) is a copy of the embedding: same seed, same fill
@@ -161,6 +168,8 @@ def _direct_tensors(module: nn.Module) -> list[str]:
 
 def _rule_for(module: nn.Module, prefix: str) -> dict[str, Fill]:
     for cls in type(module).__mro__:
+        if cls in UNSUPPORTED:
+            raise ValueError(f"initialize_parameters: {prefix.rstrip('.')} ({cls.__name__}): {UNSUPPORTED[cls]}")
         if cls in INIT_RULES:
             return INIT_RULES[cls]
     raise ValueError(

@@ -78,7 +78,7 @@ def _worker(rank, port, out_dir):
                 except Exception:  # reported by the test that owns this layout
                     runs[layout_name] = traceback.format_exc()
             results[model_name] = runs
-        model_config = preset(*MODELS["gated_deltanet-LL"][:1], **MODELS["gated_deltanet-LL"][1])
+        model_config = _config("gated_deltanet-LL")
         results["other_seed"] = _initial_state(model_config, ParallelSizes(), seed=SEED + 1)
         results["unknown_module_error"] = _initial_state(model_config, ParallelSizes(), extra_module=True)
         if rank == 0:
