@@ -18,6 +18,8 @@ from typing import Callable, TypeVar
 import torch
 from torch import nn
 
+from linear_moe.model.parallel import active_sequence_parallel
+
 MixerState = dict[str, torch.Tensor]
 
 
@@ -87,6 +89,7 @@ class Mixer(nn.Module):
         self.layer_idx = layer_idx
         self.linears = linears
         self.backend = config.lsm_backend  # auto | chunk | naive | fla; tests flip it per instance
+        self.register_forward_pre_hook(_reject_state_under_sequence_parallel, with_kwargs=True)
 
     @classmethod
     def validate_config(cls, config) -> None:
@@ -100,3 +103,14 @@ class Mixer(nn.Module):
         output_state: bool = False,
     ) -> tuple[torch.Tensor, MixerState | None]:
         raise NotImplementedError
+
+
+def _reject_state_under_sequence_parallel(mixer: Mixer, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: a recurrent state (decoding) is per sequence, not per SP chunk."""
+    if active_sequence_parallel() is None:
+        return
+    state = kwargs.get("state", args[1] if len(args) > 1 else None)
+    output_state = kwargs.get("output_state", args[3] if len(args) > 3 else False)
+    if state is not None or output_state:
+        raise ValueError(f"mixer {mixer.registry_name!r}: state / output_state (decoding) is not supported under "
+                         "sequence parallelism; call the mixer without a SequenceParallelContext to decode")

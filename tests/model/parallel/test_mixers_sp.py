@@ -90,6 +90,21 @@ def _run_case(name: str, case: str, ctx: SequenceParallelContext) -> dict[str, f
     return dict(zip(errors, worst.tolist()))
 
 
+def _decoding_state_rejected(names: list[str], ctx: SequenceParallelContext) -> dict[str, bool]:
+    """Per mixer: does asking for a decoding state under SP raise ValueError (before any collective)?"""
+    x, _, _ = _inputs("batch")
+    rejected = {}
+    for name in names:
+        mixer = build_mixer(name)
+        try:
+            with use_sequence_parallel(ctx):
+                mixer(x[:, ctx.local_slice(x.shape[1])], output_state=True)
+            rejected[name] = False
+        except ValueError:
+            rejected[name] = True
+    return rejected
+
+
 def _worker(rank, world, port, names, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -103,6 +118,7 @@ def _worker(rank, world, port, names, out_path):
                     results[f"{name}/{case}"] = _run_case(name, case, ctx)
                 except Exception as exc:  # report per case; every rank raises alike (same shapes)
                     results[f"{name}/{case}"] = {"error": f"{type(exc).__name__}: {exc}"}
+        results["decoding_state_rejected"] = _decoding_state_rejected(names, ctx)
         if rank == 0:
             Path(out_path).write_text(json.dumps(results))
     finally:
@@ -146,6 +162,13 @@ def _check(results: dict, world: int, name: str, case: str) -> None:
 @pytest.mark.parametrize("name", SP2_MIXERS)
 def test_sp2_matches_single_process_outputs_and_grads(sp2_results, name, case):
     _check(sp2_results, 2, name, case)
+
+
+@pytest.mark.distributed
+@pytest.mark.xdist_group("dist")
+def test_decoding_state_under_sp_is_rejected(sp2_results):
+    accepted = [name for name, rejected in sp2_results["decoding_state_rejected"].items() if not rejected]
+    assert not accepted, f"mixers that returned a per-chunk decoding state under SP: {accepted}"
 
 
 @pytest.mark.distributed
