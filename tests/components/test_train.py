@@ -141,3 +141,24 @@ def test_cli_help_explains_every_option():
     for field in ("--tensor-parallel", "--expert-parallel", "--resume", "--save-interval", "--model"):
         assert field in out
     assert "global-norm clip" in out.replace("\n", " ").replace("  ", " ") or "clip" in out
+
+
+@pytest.mark.e2e
+@pytest.mark.distributed
+@pytest.mark.xdist_group("dist")
+@pytest.mark.parametrize("extra", [[], ["--tensor-parallel", "2"]], ids=["dp2", "tp2"])
+def test_torchrun_two_processes_match_single_process_losses(data_dir, tmp_path, extra):
+    """The whole CLI under torchrun (data sharding, loss reduction, multi-rank checkpoints) equals one process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    args = run_args(data_dir, tmp_path / "single", 3) + ["--global-batch-size", "8"]
+    subprocess.run(TRAIN + args, check=True, env=env, capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "linear_moe.components.train"]
+    args = run_args(data_dir, tmp_path / "double", 3) + ["--global-batch-size", "8"] + extra
+    proc = subprocess.run(torchrun + args, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single, double = losses(tmp_path / "single"), losses(tmp_path / "double")
+    assert sorted(double) == [1, 2, 3]
+    for step in single:
+        assert math.isclose(double[step], single[step], rel_tol=1e-5), (step, double[step], single[step])
+    assert latest_complete(tmp_path / "double" / "checkpoints").name == "step_0000003"
