@@ -59,7 +59,7 @@ class TrainingModel:
                 param.grad = main_grad.to(param.dtype)
         self.last_grad_norm = self._clip(grad_clip)
         optimizer.step()
-        return self._global_mean(losses), self._moe_stats()
+        return self._global_mean(losses), self._moe_stats(len(batches))
 
     @torch.no_grad()
     def eval_loss(self, batches: list[dict[str, torch.Tensor]]) -> float:
@@ -130,29 +130,35 @@ class TrainingModel:
         key = router.layer_number
         self._tokens_per_expert[key] = self._tokens_per_expert.get(key, 0) + counts
 
-    def _moe_stats(self) -> dict[str, Any]:
-        """``aux_loss`` (sum over layers of megatron's tracked MoE losses, mean over micro-batches)
-        and ``expert_load`` (per MoE layer, fraction of routed tokens per expert, global)."""
+    def _moe_stats(self, num_microbatches: int) -> dict[str, Any]:
+        """Router losses and per-expert load of the last step, identical on every rank.
+
+        ``load_balancing_loss`` / ``z_loss``: megatron's tracked router losses (before their
+        coefficients), mean over MoE layers and micro-batches; ``expert_load``: per MoE layer, the
+        fraction of routed tokens each expert received (global over all ranks).
+        """
+        from megatron.core import parallel_state as ps
         from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
+        moe_layers = [i + 1 for i, kind in enumerate(self.model_config.layer_kinds) if kind.is_moe]
+        if not moe_layers:
+            return {}
         tracker = get_moe_layer_wise_logging_tracker()
-        aux = torch.zeros(1, dtype=torch.float64, device=self.device)
-        for name, entry in tracker.items():
-            if "loss" in name:
-                aux += entry["values"].detach().double().sum().to(self.device)
-        layers = self.model_config.layer_kinds
-        moe_layers = [i + 1 for i, kind in enumerate(layers) if kind.is_moe]
+        names = sorted(name for name in tracker if name.endswith("loss"))
+        losses = torch.zeros(len(names), dtype=torch.float64, device=self.device)
+        for row, name in enumerate(names):
+            losses[row] = tracker[name]["values"].detach().double().sum().to(self.device)
         counts = torch.zeros(len(moe_layers), self.model_config.num_experts, dtype=torch.float64, device=self.device)
         for row, layer_number in enumerate(moe_layers):
             if layer_number in self._tokens_per_expert:
                 counts[row] = self._tokens_per_expert[layer_number].to(self.device)
-        if moe_layers:
-            # routers see TP-replicated (sequence-parallel: TP-split) tokens; sum over every rank's shard
-            from megatron.core import parallel_state as ps
-
-            counts_and_aux = torch.cat([counts.flatten(), aux])
-            dist.all_reduce(counts_and_aux)
-            counts = counts_and_aux[:-1].view_as(counts)
-            aux = counts_and_aux[-1:] / dist.get_world_size()
+        # each TP rank routes its sequence-parallel shard and each stage its layers: sum every rank's
+        # counts; a loss is tracked once per (stage, layer) and replicated over TP x DP ranks
+        payload = torch.cat([counts.flatten(), losses])
+        dist.all_reduce(payload)
+        counts = payload[: counts.numel()].view_as(counts)
+        replicas = dist.get_world_size() // ps.get_pipeline_model_parallel_world_size()
+        losses = payload[counts.numel():] / (replicas * num_microbatches * len(moe_layers))
         fractions = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
-        return {"aux_loss": float(aux), "expert_load": fractions.cpu().tolist()}
+        stats = {name: float(value) for name, value in zip(names, losses.cpu())}
+        return {**stats, "expert_load": fractions.cpu().tolist()}
