@@ -14,7 +14,6 @@ from typing import Any
 from linear_moe.model.layer_pattern import parse_layer_pattern
 
 LSM_BACKENDS = ("auto", "chunk", "naive", "fla")
-MOE_ROUTERS = ("softmax_topk", "mixtral", "sigmoid_bias")
 
 
 @dataclass
@@ -103,7 +102,9 @@ class ModelConfig:
                 "moe_top_k",
                 f"moe_top_k={self.moe_top_k} must be in [1, num_experts={self.num_experts}]",
             )
-        _check(self.moe_router in MOE_ROUTERS, "moe_router", f"{self.moe_router!r} not in {MOE_ROUTERS}")
+        from linear_moe.model.moe.router import ROUTERS  # local import, like MIXERS above
+
+        _check(self.moe_router in ROUTERS, "moe_router", f"unknown router {self.moe_router!r}; known: {sorted(ROUTERS)}")
         _check(self.num_shared_experts >= 0, "num_shared_experts", "must be >= 0")
         _check(
             self.moe_capacity_factor is None or self.moe_capacity_factor > 0,

@@ -66,9 +66,12 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: list[torch.nn.Mod
         time.sleep(float(os.environ[COMMIT_DELAY_ENV]))
     if rank == 0:
         _write_json_atomic(partial / STATE_FILE, {**train_state, "step": step})
-        if final.exists():
-            shutil.rmtree(final)
+        previous = final.with_name(final.name + ".old")
+        if final.exists():  # a re-save of the same step: move the old one aside, never delete it first
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(final, previous)
         os.replace(partial, final)
+        shutil.rmtree(previous, ignore_errors=True)
     dist.barrier()
     return final
 

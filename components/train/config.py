@@ -66,6 +66,8 @@ class TrainConfig:
         _check(self.lr > 0 and 0 <= self.min_lr <= self.lr, "min_lr",
                f"need 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         _check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
+        _check(self.eval_iters > 0 or self.eval_interval == 0, "eval_iters",
+               f"must be positive when eval_interval={self.eval_interval} > 0 (set eval_interval: 0 to disable)")
         _check(self.recompute in RECOMPUTE_MODES, "recompute", f"{self.recompute!r} not in {RECOMPUTE_MODES}")
         self.model_config()  # raises ValueError naming the bad model field or preset
 

@@ -115,7 +115,10 @@ def preflight(config: TrainConfig, world_size: int):
     from linear_moe.components.tokenize import split_prefix
 
     check_dataset(Path(split_prefix(config.data_dir, "train")))
-    latest = ckpt.latest_complete(Path(config.output_dir) / "checkpoints") if config.resume else None
+    latest = ckpt.latest_complete(Path(config.output_dir) / "checkpoints")
+    if latest is not None and not config.resume:
+        raise ValueError(f"output_dir {config.output_dir} already holds checkpoints (latest {latest.name}); pass "
+                         f"--resume to continue that run, or choose a new output_dir")
     if latest is not None:
         saved = json.loads((latest / ckpt.STATE_FILE).read_text()).get("model_config", {})
         _check_same_model(saved, model_config.to_dict(), latest)
@@ -125,8 +128,8 @@ def preflight(config: TrainConfig, world_size: int):
 def _build_model(model_config, config: TrainConfig):
     from linear_moe.components.train.step import TrainingModel
 
-    return TrainingModel(model_config, seq_length=config.seq_length, micro_batch_size=config.micro_batch_size,
-                         recompute=config.recompute)
+    return TrainingModel.build(model_config, seq_length=config.seq_length, micro_batch_size=config.micro_batch_size,
+                               recompute=config.recompute, seed=config.seed)
 
 
 def _build_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:

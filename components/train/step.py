@@ -12,7 +12,22 @@ import torch.distributed as dist
 class TrainingModel:
     """This rank's DDP-wrapped model chunk(s) and the step functions that drive them."""
 
-    def __init__(self, model_config, *, seq_length: int, micro_batch_size: int, recompute: str = "none"):
+    def __init__(self, model_config, config, chunks: list, *, seq_length: int, micro_batch_size: int):
+        """``config``: the megatron TransformerConfig; ``chunks``: this rank's DDP-wrapped model chunk(s)."""
+        self.model_config = model_config
+        self.config = config
+        self.chunks = chunks
+        self.device = next(chunks[0].parameters()).device
+        self.seq_length = seq_length
+        self.micro_batch_size = micro_batch_size
+        self.last_grad_norm = float("nan")
+        self._tokens_per_expert: dict[int, torch.Tensor] = {}
+        self._watch_routers()
+
+    @classmethod
+    def build(cls, model_config, *, seq_length: int, micro_batch_size: int, recompute: str = "none",
+              seed: int = 1234) -> "TrainingModel":
+        """Build this rank's part of the model under megatron's initialised process groups."""
         from megatron.core import parallel_state as ps
 
         from linear_moe.model.megatron import ParallelSizes, build_gpt_model, transformer_config, wrap_ddp
@@ -20,18 +35,12 @@ class TrainingModel:
         sizes = ParallelSizes(tensor=ps.get_tensor_model_parallel_world_size(),
                               pipeline=ps.get_pipeline_model_parallel_world_size(),
                               expert=ps.get_expert_model_parallel_world_size())
-        self.model_config = model_config
-        self.config = transformer_config(model_config, sizes, recompute=None if recompute == "none" else recompute)
-        model = build_gpt_model(model_config, self.config)
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        if self.device.type == "cuda":  # megatron's get_model does the same: every module on the GPU, in params_dtype
-            model = model.to(device=self.device, dtype=self.config.params_dtype)
-        self.chunks = [wrap_ddp(model, self.config)]
-        self.seq_length = seq_length
-        self.micro_batch_size = micro_batch_size
-        self.last_grad_norm = float("nan")
-        self._tokens_per_expert: dict[int, torch.Tensor] = {}
-        self._watch_routers()
+        config = transformer_config(model_config, sizes, recompute=None if recompute == "none" else recompute)
+        model = build_gpt_model(model_config, config, seed=seed)
+        if torch.cuda.is_available():  # megatron's get_model does the same: every module on the GPU, in params_dtype
+            model = model.to(device=torch.device("cuda", torch.cuda.current_device()), dtype=config.params_dtype)
+        return cls(model_config, config, [wrap_ddp(model, config)], seq_length=seq_length,
+                   micro_batch_size=micro_batch_size)
 
     def parameters(self):
         for chunk in self.chunks:

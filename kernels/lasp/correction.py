@@ -63,10 +63,11 @@ _BT = 16
 def _triton_forward(o, q, gcum, s, scale):
     B, T, H, K = q.shape
     V = o.shape[-1]
+    o = o.contiguous()  # the kernel addresses (B, T, H, V) row-major; chunked cores return strided views
     out = torch.empty_like(o)
     g = q if gcum is None else gcum.contiguous()  # unused pointer when HAS_G is False
     _correction_fwd_kernel[(triton.cdiv(T, _BT), B * H)](
-        o.contiguous(), q.contiguous(), g, s.contiguous(), out, T, H, scale,
+        o, q.contiguous(), g, s.contiguous(), out, T, H, scale,
         K=K, V=V, BT=_BT, BK=block(K), BV=block(V), HAS_G=gcum is not None,
     )
     return out

@@ -6,8 +6,7 @@ Runbook (per rank, after ``torch.distributed.init_process_group``)::
     initialize_parallel(sizes)                           # applies cpu_compat patches on CPU hosts
     config = transformer_config(model_config, sizes)
     model = wrap_ddp(build_gpt_model(model_config, config), config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=...)
-    loss = train_step([model], optimizer, batches, num_microbatches, seq_length, micro_batch_size)
+    # the step (schedule, clipping, AdamW, MoE statistics): components/train/step.py TrainingModel
 
 Importing this package imports megatron-core but patches nothing.
 """
@@ -24,10 +23,10 @@ from linear_moe.model.megatron.state_dict import (
     shard_layout,
     shard_state_dict,
 )
-from linear_moe.model.megatron.step import lm_forward_step, masked_mean_loss, train_step, wrap_ddp
+from linear_moe.model.megatron.step import lm_forward_step, masked_mean_loss, wrap_ddp
 
 __all__ = [
     "ROUTERS", "transformer_config", "build_gpt_model", "ParallelSizes", "initialize_parallel", "destroy_parallel",
     "block_spec", "layer_spec", "stage_layers", "RankCoords", "ShardSpec", "gather_full_state_dict", "global_key",
-    "merge_shards", "shard_layout", "shard_state_dict", "lm_forward_step", "masked_mean_loss", "train_step", "wrap_ddp",
+    "merge_shards", "shard_layout", "shard_state_dict", "lm_forward_step", "masked_mean_loss", "wrap_ddp",
 ]

@@ -43,8 +43,10 @@ def transformer_config(
 ):
     """Build the megatron ``TransformerConfig`` for ``model_config`` under ``parallel``.
 
-    fp32 on CPU, bf16 on GPU unless ``params_dtype`` says otherwise. ``moe_grouped_gemm=None`` turns
-    grouped-GEMM experts on when CUDA and the ``grouped_gemm`` package are present (CPU has neither).
+    fp32 on CPU, bf16 on GPU unless ``params_dtype`` says otherwise. Grouped-GEMM experts stay off
+    unless ``moe_grouped_gemm=True``: the layout-independent init and the HF converter know only the
+    per-expert layout. Capacity dropping keeps assignments in token order ("position"), as the
+    single-device ``model/moe`` does, so trained and exported models drop the same tokens.
     Sequence parallelism is on whenever ``parallel.tensor > 1``: megatron's MoE requires it with TP,
     and the mixer adapter relies on it to sum the gradients of TP-replicated mixer parameters.
     ``overrides`` go to ``TransformerConfig`` last (e.g. ``moe_token_dispatcher_type="allgather"``).
@@ -116,6 +118,7 @@ def transformer_config(
             moe_router_load_balancing_type="aux_loss" if mc.moe_aux_loss_coeff > 0 else "none",
             moe_z_loss_coeff=mc.moe_z_loss_coeff or None,
             moe_expert_capacity_factor=mc.moe_capacity_factor,
+            moe_token_drop_policy="position",
             moe_router_bias_update_rate=mc.moe_bias_update_rate,
             moe_token_dispatcher_type="alltoall",
             moe_grouped_gemm=moe_grouped_gemm,

@@ -1,21 +1,19 @@
-"""One optimizer step of the megatron model: DDP wrapping, the LM forward step, forward-backward.
+"""Megatron plumbing for a training step: DDP wrapping and the LM ``forward_step_func``.
 
-Works for every layout (TP/SP, PP, EP, DP) because it goes through megatron's
-``get_forward_backward_func`` schedule and ``finalize_model_grads``. The optimizer is any torch
-optimizer over the model's parameters (megatron's own optimizer needs CUDA).
+The step itself (schedule, clipping, optimizer, MoE statistics) is
+``linear_moe.components.train.step.TrainingModel``; it works for every layout (TP/SP, PP, EP, DP)
+because it goes through megatron's ``get_forward_backward_func`` and ``finalize_model_grads``.
 """
 from __future__ import annotations
 
 import functools
-from typing import Iterable
-
 import torch
 
 
 def wrap_ddp(model: torch.nn.Module, config, bucket_size: int | None = None):
     """Wrap one model chunk in megatron DDP and point ``config`` at ``finalize_model_grads``.
 
-    Gradients are reduced in fp32 into ``param.main_grad``; :func:`train_step` hands them to the
+    Gradients are reduced in fp32 into ``param.main_grad``; ``TrainingModel.train_step`` hands them to the
     torch optimizer.
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -46,36 +44,3 @@ def lm_forward_step(data_iterator, model):
     position_ids_BT = torch.arange(T, device=tokens_BT.device).expand(B, T)
     output = model(tokens_BT, position_ids_BT, None, labels=labels_BT)
     return output, functools.partial(masked_mean_loss, loss_mask_BT)
-
-
-def train_step(model_chunks: list, optimizer: torch.optim.Optimizer, batches: Iterable[dict], num_microbatches: int,
-               seq_length: int, micro_batch_size: int) -> float | None:
-    """Forward and backward over ``num_microbatches`` micro-batches, then one optimizer step.
-
-    ``model_chunks``: the DDP-wrapped chunks of this rank. Returns the mean micro-batch loss on the
-    last pipeline stage (this rank's data-parallel shard), ``None`` on other stages.
-    """
-    from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    for chunk in model_chunks:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad(set_to_none=True)
-    losses = get_forward_backward_func()(
-        forward_step_func=lm_forward_step,
-        data_iterator=iter(batches),
-        model=model_chunks,
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=False,
-    )
-    for chunk in model_chunks:
-        for param in chunk.parameters():
-            main_grad = getattr(param, "main_grad", None)
-            if param.requires_grad and main_grad is not None:
-                param.grad = main_grad.to(param.dtype)
-    optimizer.step()
-    if not parallel_state.is_pipeline_last_stage():
-        return None
-    return float(torch.stack([step["lm loss"] for step in losses]).mean())

@@ -3,7 +3,7 @@
     x^c = x + (x_{t-1} - x) * mu_c   for c in r, w, k, v, a, g        (token shift)
     w = -e^-1/2 sigmoid(lora_w(x^w))  (log-decay in [-0.61, 0)),  a = sigmoid(lora_a(x^a))
     kk = l2norm(k * k_k),  k <- k * (1 + (a - 1) * k_a)
-    S_t = (diag(exp(w_t)) - kk_t (kk_t * a_t)^T) S_{t-1} + k_t v_t^T,   o_t = r_t^T S_t   (scale 1)
+    S_t = (diag(exp(w_t)) - (kk_t * a_t) kk_t^T) S_{t-1} + k_t v_t^T,   o_t = r_t^T S_t   (scale 1)
     y = W_o ((groupnorm(o) + (r . (k * r_k)) v) * lora_g(x^g))
 
 Follows fla's RWKV7Attention, without the cross-layer value residual (``v_first``): each layer uses

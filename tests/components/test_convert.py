@@ -86,7 +86,8 @@ def _worker(rank: int, port: int, root: str) -> None:
     from linear_moe.model.megatron.config import transformer_config
     from linear_moe.model.megatron.gpt import build_gpt_model
     from linear_moe.model.megatron.parallel import ParallelSizes, initialize_parallel
-    from linear_moe.model.megatron.step import train_step, wrap_ddp
+    from linear_moe.components.train.step import TrainingModel
+    from linear_moe.model.megatron.step import wrap_ddp
 
     torch.set_num_threads(1)
     root = Path(root)
@@ -102,8 +103,8 @@ def _worker(rank: int, port: int, root: str) -> None:
     ddp = wrap_ddp(model, config)
     optimizer = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
     ddp.train()
-    train_step([ddp], optimizer, [{"tokens": tokens_BT, "labels": tokens_BT.roll(-1, 1)}], num_microbatches=1,
-               seq_length=T, micro_batch_size=B)
+    trainer = TrainingModel(model_config, config, [ddp], seq_length=T, micro_batch_size=B)
+    trainer.train_step([{"tokens": tokens_BT, "labels": tokens_BT.roll(-1, 1)}], optimizer, grad_clip=1.0)
     save_checkpoint(root / "run" / "checkpoints", 1, [ddp], optimizer, {"model_config": model_config.to_dict()})
     trained_logits = _gathered_logits(model, tokens_BT)
     if rank == 0:

@@ -162,3 +162,19 @@ def test_torchrun_two_processes_match_single_process_losses(data_dir, tmp_path, 
     for step in single:
         assert math.isclose(double[step], single[step], rel_tol=1e-5), (step, double[step], single[step])
     assert latest_complete(tmp_path / "double" / "checkpoints").name == "step_0000003"
+
+
+def test_fresh_run_into_a_directory_with_checkpoints_is_refused(data_dir, tmp_path):
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_0000002"
+    (checkpoint / "model").mkdir(parents=True)
+    saved = config(data_dir, tmp_path).model_config().to_dict()
+    (checkpoint / "train_state.json").write_text(json.dumps({"step": 2, "model_config": saved}))
+    with pytest.raises(ValueError, match="already holds checkpoints .*--resume"):
+        preflight(config(data_dir, tmp_path), 1)
+    assert preflight(config(data_dir, tmp_path, resume=True), 1)[2] == checkpoint
+
+
+def test_eval_without_iterations_is_a_config_error(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="eval_iters"):
+        config(data_dir, tmp_path, eval_iters=0, eval_interval=10)
+    config(data_dir, tmp_path, eval_iters=0, eval_interval=0)  # disabled evaluation is fine

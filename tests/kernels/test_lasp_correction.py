@@ -72,6 +72,12 @@ def _check_triton_correction(device="cpu", shape=(2, 20, 2, 6, 10)):
           rnd(B, H, K, V)]
     ref = naive_state_correction(*[x.float() for x in xs], 0.5)
     assert_rel_close("bf16 output", ref, state_correction(*xs, 0.5, backend="triton").float(), 1e-2)
+    # a strided o, as the chunked cores return it ((B, H, T, V) memory viewed as (B, T, H, V))
+    o_strided = rnd(B, H, T, V).transpose(1, 2)
+    assert not o_strided.is_contiguous()
+    args = (rnd(B, T, H, K), None, rnd(B, H, K, V))
+    assert_rel_close("strided o", naive_state_correction(o_strided, *args, 0.5),
+                     state_correction(o_strided, *args, 0.5, backend="triton"), 1e-5)
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 SEQ_LEN = 32
 GLOBAL_BATCH = 2
 STEPS = 3
+GRAD_CLIP = 0.5  # small enough that clipping acts: the clipped update depends on the global norm
 
 
 def free_port() -> int:
@@ -58,7 +59,8 @@ def _train(model_config, sizes, batch, full_state=None, attention_mixer="attenti
     from linear_moe.model.megatron.gpt import build_gpt_model
     from linear_moe.model.megatron.parallel import initialize_parallel
     from linear_moe.model.megatron.state_dict import RankCoords, gather_full_state_dict, shard_layout, shard_state_dict
-    from linear_moe.model.megatron.step import train_step, wrap_ddp
+    from linear_moe.components.train.step import TrainingModel
+    from linear_moe.model.megatron.step import wrap_ddp
 
     initialize_parallel(sizes, seed=0)
     try:
@@ -79,15 +81,18 @@ def _train(model_config, sizes, batch, full_state=None, attention_mixer="attenti
             dp_size, dp_rank = 1, 0
         rows = slice(dp_rank * GLOBAL_BATCH // dp_size, (dp_rank + 1) * GLOBAL_BATCH // dp_size)
         local_batch = {key: value[rows] for key, value in batch.items()}
+        trainer = TrainingModel(model_config, config, [ddp], seq_length=SEQ_LEN,
+                                micro_batch_size=GLOBAL_BATCH // dp_size)
         losses, grads = [], None
         for step in range(STEPS):
-            losses.append(train_step([ddp], optimizer, [local_batch], 1, SEQ_LEN, GLOBAL_BATCH // dp_size))
+            # the production step, with gradient clipping active: the global norm must agree across layouts
+            losses.append(trainer.train_step([local_batch], optimizer, grad_clip=GRAD_CLIP)[0])
             if step == 0:
                 local_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
                 grads = gather_full_state_dict(local_grads, layout, coords)
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, losses)
-        stage_losses = torch.tensor([rank_losses for rank_losses in gathered if rank_losses[0] is not None])
+        stage_losses = torch.tensor(gathered)  # train_step returns the global mean loss on every rank
         return dict(losses=stage_losses.mean(0), grads=grads, params=gather_full_state_dict(state(), layout, coords),
                     initial=initial)
     finally:
