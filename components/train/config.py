@@ -40,11 +40,11 @@ class TrainConfig:
     grad_clip: float = 1.0  # global gradient-norm clip (0 disables)
     seed: int = 1234  # model init, data order
 
-    # --- parallelism (world size = tp * pp * dp, with ep dividing dp * tp as in megatron) ---
+    # --- parallelism (world size = tp * pp * sp * dp, with ep dividing dp * tp * sp as in megatron) ---
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     expert_parallel: int = 1
-    sequence_parallel: int = 1  # LASP-2 sequence-parallel group size for LSM layers
+    sequence_parallel: int = 1  # LASP-2 sequence parallelism (megatron's context-parallel group) size
     recompute: str = "none"  # activation recomputation: none | full | selective (megatron's granularities)
 
     # --- evaluation, checkpoints, logs ---
@@ -66,6 +66,9 @@ class TrainConfig:
         _check(self.lr > 0 and 0 <= self.min_lr <= self.lr, "min_lr",
                f"need 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         _check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
+        _check(self.seq_length % self.sequence_parallel == 0, "sequence_parallel",
+               f"sequence_parallel={self.sequence_parallel} must divide seq_length={self.seq_length}: each SP rank "
+               "holds one contiguous chunk of every sample")
         _check(self.eval_iters > 0 or self.eval_interval == 0, "eval_iters",
                f"must be positive when eval_interval={self.eval_interval} > 0 (set eval_interval: 0 to disable)")
         _check(self.recompute in RECOMPUTE_MODES, "recompute", f"{self.recompute!r} not in {RECOMPUTE_MODES}")
@@ -84,10 +87,10 @@ class TrainConfig:
                 f"= {model_parallel}; launch a multiple of {model_parallel} processes or change the sizes"
             )
         dp = world_size // model_parallel
-        if (dp * self.tensor_parallel) % self.expert_parallel:
+        if (dp * self.tensor_parallel * self.sequence_parallel) % self.expert_parallel:
             raise ValueError(
-                f"expert_parallel={self.expert_parallel} must divide data_parallel x tensor_parallel = "
-                f"{dp * self.tensor_parallel} (world size {world_size})"
+                f"expert_parallel={self.expert_parallel} must divide data_parallel x tensor_parallel x "
+                f"sequence_parallel = {dp * self.tensor_parallel * self.sequence_parallel} (world size {world_size})"
             )
         if self.global_batch_size % (self.micro_batch_size * dp):
             raise ValueError(

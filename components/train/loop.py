@@ -36,7 +36,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     checkpoint_root = output_dir / "checkpoints"
 
     initialize_parallel(ParallelSizes(tensor=config.tensor_parallel, pipeline=config.pipeline_parallel,
-                                      expert=config.expert_parallel), seed=config.seed)
+                                      expert=config.expert_parallel, context=config.sequence_parallel),
+                        seed=config.seed)
     try:
         torch.manual_seed(config.seed)
         model = _build_model(model_config, config)
@@ -102,9 +103,6 @@ def preflight(config: TrainConfig, world_size: int):
     naming the problem before anything is started.
     """
     config.data_parallel(world_size)
-    if config.sequence_parallel > 1:
-        raise ValueError("TrainConfig.sequence_parallel > 1 is not wired into the training loop yet; "
-                         "LASP-2 is available as model/parallel/sequence_parallel.py")
     model_config = config.model_config()
     tokenizer = read_tokenizer_info(config.data_dir)
     if tokenizer.vocab_size > model_config.vocab_size:

@@ -34,7 +34,8 @@ class TrainingModel:
 
         sizes = ParallelSizes(tensor=ps.get_tensor_model_parallel_world_size(),
                               pipeline=ps.get_pipeline_model_parallel_world_size(),
-                              expert=ps.get_expert_model_parallel_world_size())
+                              expert=ps.get_expert_model_parallel_world_size(),
+                              context=ps.get_context_parallel_world_size())
         config = transformer_config(model_config, sizes, recompute=None if recompute == "none" else recompute)
         model = build_gpt_model(model_config, config, seed=seed)
         if torch.cuda.is_available():  # megatron's get_model does the same: every module on the GPU, in params_dtype
@@ -156,13 +157,18 @@ class TrainingModel:
         names = sorted(name for name in tracker if name.endswith("loss"))
         losses = torch.zeros(len(names), dtype=torch.float64, device=self.device)
         for row, name in enumerate(names):
-            losses[row] = tracker[name]["values"].detach().double().sum().to(self.device)
+            values = tracker[name]["values"].detach().double().clone()
+            if tracker[name].get("reduce_group") is not None:
+                # a load-balancing loss is tracked as per-rank shares over its group (TP x CP tokens)
+                dist.all_reduce(values, group=tracker[name]["reduce_group"])
+            losses[row] = values.sum().to(self.device)
         counts = torch.zeros(len(moe_layers), self.model_config.num_experts, dtype=torch.float64, device=self.device)
         for row, layer_number in enumerate(moe_layers):
             if layer_number in self._tokens_per_expert:
                 counts[row] = self._tokens_per_expert[layer_number].to(self.device)
         # each TP rank routes its sequence-parallel shard and each stage its layers: sum every rank's
-        # counts; a loss is tracked once per (stage, layer) and replicated over TP x DP ranks
+        # counts; a loss is tracked once per (stage, layer) and, its shares summed above, replicated
+        # over TP x CP x DP ranks
         payload = torch.cat([counts.flatten(), losses])
         dist.all_reduce(payload)
         counts = payload[: counts.numel()].view_as(counts)

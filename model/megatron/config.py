@@ -89,6 +89,7 @@ def transformer_config(
         pipeline_model_parallel_size=parallel.pipeline,
         expert_model_parallel_size=parallel.expert,
         expert_tensor_parallel_size=parallel.expert_tensor,
+        context_parallel_size=parallel.context,  # LASP-2 over megatron's context-parallel group
         sequence_parallel=parallel.tensor > 1,
         # precision and device
         params_dtype=params_dtype,

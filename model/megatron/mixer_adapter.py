@@ -2,7 +2,9 @@
 
 Megatron passes ``(T, B, D)`` activations, sequence-sharded over TP ranks when sequence parallel is
 on. The adapter gathers the sequence once, runs the mixer on ``(B, T, D)`` with
-:class:`MegatronLinears` (heads split over TP ranks), and scatters the output back.
+:class:`MegatronLinears` (heads split over TP ranks), and scatters the output back. Under context
+parallelism (our LASP-2 sequence parallelism) each CP rank holds one contiguous chunk of every
+sample and the mixer runs inside ``use_sequence_parallel`` over megatron's context-parallel group.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from linear_moe.model.megatron.linears import MegatronLinears
 from linear_moe.model.mixers import MIXERS, SINGLE_DEVICE
+from linear_moe.model.parallel import SequenceParallelContext, use_sequence_parallel
 
 
 class MixerAdapter(MegatronModule):
@@ -37,6 +40,11 @@ class MixerAdapter(MegatronModule):
         with torch.device("meta"):
             reference = mixer_cls(model_config, layer_idx=self.layer_idx, linears=SINGLE_DEVICE)
         tag_mixer_parameters(self.mixer, dict(reference.named_parameters()), tp_size, config.sequence_parallel)
+        self.sequence_parallel = SequenceParallelContext()
+        if config.context_parallel_size > 1:
+            from megatron.core import parallel_state
+
+            self.sequence_parallel = SequenceParallelContext(parallel_state.get_context_parallel_group())
 
     def forward(self, hidden_states, attention_mask=None, inference_context=None, rotary_pos_emb=None,
                 packed_seq_params=None, **unused):
@@ -49,7 +57,8 @@ class MixerAdapter(MegatronModule):
         elif self.config.tensor_model_parallel_size > 1:
             x_TBD = tensor_parallel.copy_to_tensor_model_parallel_region(x_TBD)
         cu_seqlens = None if packed_seq_params is None else packed_seq_params.cu_seqlens_q
-        y_BTD, _ = self.mixer(x_TBD.transpose(0, 1), cu_seqlens=cu_seqlens)
+        with use_sequence_parallel(self.sequence_parallel):
+            y_BTD, _ = self.mixer(x_TBD.transpose(0, 1), cu_seqlens=cu_seqlens)
         y_TBD = y_BTD.transpose(0, 1).contiguous()
         if self.config.sequence_parallel:
             y_TBD = tensor_parallel.scatter_to_sequence_parallel_region(y_TBD)

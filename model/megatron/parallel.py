@@ -14,11 +14,12 @@ class ParallelSizes:
     pipeline: int = 1  # PP: the layer pattern split into consecutive stages
     expert: int = 1  # EP: routed experts split over ranks
     expert_tensor: int | None = None  # ETP: each expert's width split over ranks; None = tensor
+    context: int = 1  # CP: LASP-2 sequence parallelism, each rank one contiguous chunk of every sample
 
     def __post_init__(self) -> None:
         if self.expert_tensor is None:
             object.__setattr__(self, "expert_tensor", self.tensor)
-        for name in ("tensor", "pipeline", "expert", "expert_tensor"):
+        for name in ("tensor", "pipeline", "expert", "expert_tensor", "context"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ParallelSizes.{name} must be a positive int, got {value!r}")
@@ -32,9 +33,9 @@ class ParallelSizes:
 
     def data_parallel(self, world_size: int) -> int:
         """DP size for ``world_size`` ranks; raises if the sizes do not tile the world."""
-        model = self.tensor * self.pipeline
+        model = self.tensor * self.pipeline * self.context
         if world_size % model:
-            raise ValueError(f"world size {world_size} is not divisible by tensor*pipeline={model} ({self})")
+            raise ValueError(f"world size {world_size} is not divisible by tensor*pipeline*context={model} ({self})")
         expert_model = self.expert * self.expert_tensor * self.pipeline
         if world_size % expert_model:
             raise ValueError(
@@ -64,6 +65,7 @@ def initialize_parallel(sizes: ParallelSizes, seed: int = 1234) -> None:
         pipeline_model_parallel_size=sizes.pipeline,
         expert_model_parallel_size=sizes.expert,
         expert_tensor_parallel_size=sizes.expert_tensor,
+        context_parallel_size=sizes.context,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 

@@ -25,16 +25,46 @@ def wrap_ddp(model: torch.nn.Module, config, bucket_size: int | None = None):
     return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
 
 
-def masked_mean_loss(loss_mask_BT: torch.Tensor, per_token_loss_BT: torch.Tensor):
-    """Mean of the per-token loss over unmasked tokens; megatron's ``loss_func`` contract."""
+def masked_mean_loss(loss_mask_BT: torch.Tensor, per_token_loss_BT: torch.Tensor, cp_group=None):
+    """Mean of the per-token loss over unmasked tokens; megatron's ``loss_func`` contract.
+
+    Under context parallelism (``cp_group`` of size > 1; tensors are this rank's sequence chunk)
+    the mean is over the tokens of every chunk: ``local sum / global count``. Megatron multiplies
+    the returned loss by the CP size and DDP averages gradients over DP x CP, so the gradients are
+    those of the global mean; the reported value is the global mean itself.
+    """
     mask = loss_mask_BT.to(per_token_loss_BT.dtype)
-    loss = (per_token_loss_BT.float() * mask).sum() / mask.sum().clamp(min=1)
-    # clone: megatron divides the returned loss in place by the number of micro-batches
-    return loss, {"lm loss": loss.detach().clone()}
+    local_sum = (per_token_loss_BT.float() * mask).sum()
+    stats = torch.stack([local_sum.detach(), mask.sum().float()])
+    if cp_group is not None and torch.distributed.get_world_size(cp_group) > 1:
+        torch.distributed.all_reduce(stats, group=cp_group)
+    loss = local_sum / stats[1].clamp(min=1)
+    # a new tensor: megatron scales the returned loss in place (CP size, number of micro-batches)
+    return loss, {"lm loss": stats[0] / stats[1].clamp(min=1)}
+
+
+def context_parallel_chunk(x_BT: torch.Tensor) -> torch.Tensor:
+    """This context-parallel rank's contiguous chunk ``(B, T / CP)`` of a ``(B, T)`` batch tensor."""
+    from megatron.core import parallel_state
+
+    cp_size = parallel_state.get_context_parallel_world_size()
+    if cp_size == 1:
+        return x_BT
+    T = x_BT.shape[1]
+    if T % cp_size:
+        raise ValueError(f"sequence length {T} must be divisible by the sequence-parallel size {cp_size}")
+    t_local = T // cp_size
+    start = parallel_state.get_context_parallel_rank() * t_local
+    return x_BT[:, start:start + t_local]
 
 
 def lm_forward_step(data_iterator, model):
-    """Megatron ``forward_step_func``; a batch is a dict of ``(B, T)`` ``tokens``, ``labels`` (, ``loss_mask``)."""
+    """Megatron ``forward_step_func``; a batch is a dict of ``(B, T)`` ``tokens``, ``labels`` (, ``loss_mask``).
+
+    Under context (LASP-2 sequence) parallelism every tensor is cut to this rank's contiguous chunk.
+    """
+    from megatron.core import parallel_state
+
     batch = next(data_iterator)
     tokens_BT, labels_BT = batch["tokens"], batch["labels"]
     loss_mask_BT = batch.get("loss_mask")
@@ -42,5 +72,9 @@ def lm_forward_step(data_iterator, model):
         loss_mask_BT = torch.ones_like(labels_BT, dtype=torch.float32)
     B, T = tokens_BT.shape
     position_ids_BT = torch.arange(T, device=tokens_BT.device).expand(B, T)
+    tokens_BT, labels_BT, loss_mask_BT, position_ids_BT = (
+        context_parallel_chunk(x) for x in (tokens_BT, labels_BT, loss_mask_BT, position_ids_BT))
     output = model(tokens_BT, position_ids_BT, None, labels=labels_BT)
-    return output, functools.partial(masked_mean_loss, loss_mask_BT)
+    cp_size = parallel_state.get_context_parallel_world_size()
+    cp_group = parallel_state.get_context_parallel_group() if cp_size > 1 else None
+    return output, functools.partial(masked_mean_loss, loss_mask_BT, cp_group=cp_group)

@@ -146,7 +146,7 @@ def test_cli_help_explains_every_option():
 @pytest.mark.e2e
 @pytest.mark.distributed
 @pytest.mark.xdist_group("dist")
-@pytest.mark.parametrize("extra", [[], ["--tensor-parallel", "2"]], ids=["dp2", "tp2"])
+@pytest.mark.parametrize("extra", [[], ["--tensor-parallel", "2"], ["--sequence-parallel", "2"]], ids=["dp2", "tp2", "sp2"])
 def test_torchrun_two_processes_match_single_process_losses(data_dir, tmp_path, extra):
     """The whole CLI under torchrun (data sharding, loss reduction, multi-rank checkpoints) equals one process."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
