@@ -204,66 +204,16 @@ def world_of_one(device: torch.device):
 
     init_process_group()
     try:
-        initialize_parallel(ParallelSizes())
-        if device.type == "cuda":
-            _no_transformer_engine_router_gemm()
+        initialize_parallel(ParallelSizes())  # also binds megatron's router GEMM when TE is absent
         try:
-            with _models_built_on(device):
-                yield
+            yield
         finally:
             destroy_parallel()
     finally:
         dist.destroy_process_group()
 
 
-def _no_transformer_engine_router_gemm() -> None:
-    """Without Transformer Engine, megatron's router GEMM refers to an unbound ``te_general_gemm``
-    (a NameError on any device); cpu_compat's patch binds it to None, selecting the torch.mm path."""
-    from linear_moe.model.megatron.cpu_compat import apply_cpu_patches
-
-    apply_cpu_patches(("te_general_gemm",), force=True)
-
-
-@contextlib.contextmanager
-def _models_built_on(device: torch.device):
-    """On CUDA, move each freshly built GPT model to the GPU in its params dtype before DDP wraps it,
-    as megatron's ``get_model`` does (``.cuda()`` + ``Float16Module``): the mixers' own parameters
-    (convs, norms, gates) and megatron's torch norms are created on the CPU in fp32. No-op on CPU."""
-    if device.type != "cuda":
-        yield
-        return
-    import linear_moe.model.megatron as megatron_assembly
-
-    original = megatron_assembly.build_gpt_model
-
-    def build_on_device(model_config, config, *args, **kwargs):
-        return original(model_config, config, *args, **kwargs).to(device=device, dtype=config.params_dtype)
-
-    megatron_assembly.build_gpt_model = build_on_device
-    try:
-        yield
-    finally:
-        megatron_assembly.build_gpt_model = original
-
-
 # ----------------------------------------------------------------------------------- one case
-def _trainer_step(model, optimizer, batches, case: Case) -> float:
-    loss, _moe_stats = model.train_step(batches, optimizer, grad_clip=1.0)
-    return loss
-
-
-def _megatron_step(model, optimizer, batches, case: Case) -> float:
-    from linear_moe.model.megatron import train_step
-
-    return train_step(model.chunks, optimizer, batches, case.num_microbatches, case.seq_length,
-                      case.micro_batch_size)
-
-
-#: ``--step`` -> step function. "trainer" is TrainingModel.train_step (clip + MoE statistics);
-#: "megatron" is model/megatron/step.train_step on the same DDP chunks (no clip, no statistics).
-STEP_FNS: dict[str, Callable[..., float]] = {"trainer": _trainer_step, "megatron": _megatron_step}
-
-
 def synthetic_batches(case: Case, vocab_size: int, generator: torch.Generator, device: torch.device):
     """``num_microbatches`` dicts of ``tokens``/``labels`` ``(micro_batch_size, seq_length)`` int64:
     random ids, labels the next id (as the trainer's datasets give them)."""
@@ -300,7 +250,8 @@ def _timed_steps(case: Case, args: argparse.Namespace, row: dict[str, Any]) -> N
     row.update(model_config=model_config.to_dict(), layer_pattern=model_config.layer_pattern,
                mixer=model_config.lsm_mixer if case.group != "softmax" else "attention")
     torch.manual_seed(args.seed)
-    model = TrainingModel(model_config, seq_length=case.seq_length, micro_batch_size=case.micro_batch_size)
+    model = TrainingModel.build(model_config, seq_length=case.seq_length, micro_batch_size=case.micro_batch_size,
+                                seed=args.seed)
     row["params"] = sum(p.numel() for p in model.parameters())
     row["moe_grouped_gemm"] = bool(getattr(model.config, "moe_grouped_gemm", False))
     row["params_dtype"] = str(model.config.params_dtype).removeprefix("torch.")
@@ -308,23 +259,12 @@ def _timed_steps(case: Case, args: argparse.Namespace, row: dict[str, Any]) -> N
     generator = torch.Generator().manual_seed(args.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    step_name = args.step
-    fallback: str | None = None
     losses, times, cpu_times = [], [], []
     for i in range(args.warmup + args.steps):
         batches = synthetic_batches(case, model_config.vocab_size, generator, device)
         _sync(device)
         start, cpu_start = time.perf_counter(), time.process_time()
-        try:
-            loss = STEP_FNS[step_name](model, optimizer, batches, case)
-        except Exception as err:  # the trainer's step may assume CPU tensors; fall back once, say why
-            if step_name != "trainer" or not args.step_fallback or i > 0 or _is_oom(err):
-                raise
-            fallback = f"TrainingModel.train_step failed: {type(err).__name__}: {err}"[:500]
-            step_name = "megatron"
-            _sync(device)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            loss = STEP_FNS[step_name](model, optimizer, batches, case)
+        loss, _moe_stats = model.train_step(batches, optimizer, grad_clip=1.0)
         _sync(device)
         elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu_start
         losses.append(float(loss))
@@ -332,11 +272,9 @@ def _timed_steps(case: Case, args: argparse.Namespace, row: dict[str, Any]) -> N
             times.append(elapsed)
             cpu_times.append(cpu_elapsed)
     median_s = statistics.median(times)
-    row.update(status="ok", step_fn=step_name, step_s=times, median_step_s=median_s,
+    row.update(status="ok", step_fn="trainer", step_s=times, median_step_s=median_s,
                tokens_per_s=case.tokens_per_step / median_s, peak_memory_mb=_peak_memory_mb(device), losses=losses,
                step_cpu_s=cpu_times, median_step_cpu_s=statistics.median(cpu_times), min_step_s=min(times))
-    if fallback:
-        row["step_fn_fallback_reason"] = fallback
 
 
 def base_row(case: Case, args: argparse.Namespace, status: str) -> dict[str, Any]:
@@ -347,7 +285,7 @@ def base_row(case: Case, args: argparse.Namespace, status: str) -> dict[str, Any
         "mixer_key": case.name.split("/")[0], "layer_pattern": case.model_overrides.get("layer_pattern"),
         "seq_length": case.seq_length, "micro_batch_size": case.micro_batch_size,
         "num_microbatches": case.num_microbatches, "tokens_per_step": case.tokens_per_step, "status": status,
-        "step_fn": args.step, "step_s": [], "median_step_s": None, "tokens_per_s": None, "peak_memory_mb": None,
+        "step_fn": "trainer", "step_s": [], "median_step_s": None, "tokens_per_s": None, "peak_memory_mb": None,
         "losses": [], "model_config": None,
     }
 
@@ -420,9 +358,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--suite", default="cpu-tiny", choices=sorted(SUITES))
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per case (compilation, autotuning)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per case (default 5 cpu-tiny, 3 gpu-lengths)")
-    p.add_argument("--step", default="trainer", choices=sorted(STEP_FNS), help="step function timed")
-    p.add_argument("--no-step-fallback", dest="step_fallback", action="store_false",
-                   help="do not fall back to --step megatron when the trainer's step fails on its first call")
     p.add_argument("--budget-s", type=float, default=None, help="skip cases that would start after this many seconds")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (cpu)")
     p.add_argument("--seed", type=int, default=1234)
@@ -485,8 +420,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "method": {
             "statistic": "median", "warmup_steps": args.warmup, "timed_steps": args.steps,
             "tokens_per_s": "tokens_per_step / median step seconds (each step CUDA-synchronised on both ends)",
-            "step": "TrainingModel.train_step (megatron schedule, DDP, grad clip 1.0, torch AdamW), world of one"
-            if args.step == "trainer" else "model/megatron/step.train_step on TrainingModel's DDP chunks",
+            "step": "TrainingModel.train_step (megatron schedule, DDP, grad clip 1.0, torch AdamW), world of one",
             "peak_memory_mb": "torch.cuda.max_memory_allocated since the model was built" if device.type == "cuda"
             else "ru_maxrss: the process's high-water mark so far (never decreases across cases)",
             "data": "synthetic: uniformly random token ids, labels = next id",

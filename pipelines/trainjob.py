@@ -54,24 +54,14 @@ class ParallelLayout:
     sequence_parallel: int = 1
 
     def check(self, world_size: int) -> None:
-        """Raise ``ValueError`` unless the sizes tile ``world_size`` processes (the train step's rule).
+        """Raise ``ValueError`` unless the sizes tile ``world_size`` processes: the train step's own rule
+        (:func:`linear_moe.components.train.config.data_parallel_size`)."""
+        from linear_moe.components.train.config import data_parallel_size
 
-        ``tp * pp * sp`` must divide the world; the quotient is data parallel (dp).  Experts shard
-        over the dp x tp ranks of a pipeline stage, so ``ep`` must divide ``dp * tp``.
-        """
         for name, value in vars(self).items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        tp, pp, ep, sp = self.tensor_parallel, self.pipeline_parallel, self.expert_parallel, self.sequence_parallel
-        if world_size % (tp * pp * sp):
-            raise ValueError(
-                f"tensor_parallel*pipeline_parallel*sequence_parallel = {tp}*{pp}*{sp} = {tp * pp * sp} does not "
-                f"divide world size {world_size} (nodes * procs per node); change the sizes or the node count")
-        dp = world_size // (tp * pp * sp)
-        if (dp * tp) % ep:
-            raise ValueError(
-                f"expert_parallel={ep} must divide data_parallel*tensor_parallel = {dp}*{tp} = {dp * tp} "
-                f"(world size {world_size}); change expert_parallel or the node count")
+        data_parallel_size(world_size, **vars(self))
 
 
 def procs_per_node(gpus_per_node: int) -> int:

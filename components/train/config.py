@@ -79,19 +79,9 @@ class TrainConfig:
 
     def data_parallel(self, world_size: int) -> int:
         """Data-parallel size for ``world_size`` processes, with a clear error if it doesn't divide."""
-        model_parallel = self.tensor_parallel * self.pipeline_parallel * self.sequence_parallel
-        if world_size % model_parallel:
-            raise ValueError(
-                f"world size {world_size} is not divisible by tensor_parallel={self.tensor_parallel} x "
-                f"pipeline_parallel={self.pipeline_parallel} x sequence_parallel={self.sequence_parallel} "
-                f"= {model_parallel}; launch a multiple of {model_parallel} processes or change the sizes"
-            )
-        dp = world_size // model_parallel
-        if (dp * self.tensor_parallel * self.sequence_parallel) % self.expert_parallel:
-            raise ValueError(
-                f"expert_parallel={self.expert_parallel} must divide data_parallel x tensor_parallel x "
-                f"sequence_parallel = {dp * self.tensor_parallel * self.sequence_parallel} (world size {world_size})"
-            )
+        dp = data_parallel_size(world_size, tensor_parallel=self.tensor_parallel,
+                                pipeline_parallel=self.pipeline_parallel, expert_parallel=self.expert_parallel,
+                                sequence_parallel=self.sequence_parallel)
         if self.global_batch_size % (self.micro_batch_size * dp):
             raise ValueError(
                 f"global_batch_size={self.global_batch_size} must be a multiple of micro_batch_size="
@@ -126,6 +116,29 @@ class TrainConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of TrainConfig fields, got {type(data).__name__}")
         return cls.from_dict(data)
+
+
+def data_parallel_size(world_size: int, *, tensor_parallel: int, pipeline_parallel: int, expert_parallel: int,
+                       sequence_parallel: int) -> int:
+    """The one rule for how parallel sizes tile ``world_size`` processes; returns data parallel.
+
+    ``tp * pp * sp`` must divide the world (the rest is dp); experts shard over the dp x tp x sp
+    ranks of a pipeline stage, so ``ep`` must divide ``dp * tp * sp``.
+    """
+    model_parallel = tensor_parallel * pipeline_parallel * sequence_parallel
+    if world_size % model_parallel:
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor_parallel={tensor_parallel} x "
+            f"pipeline_parallel={pipeline_parallel} x sequence_parallel={sequence_parallel} = {model_parallel}; "
+            f"launch a multiple of {model_parallel} processes or change the sizes"
+        )
+    dp = world_size // model_parallel
+    if (dp * tensor_parallel * sequence_parallel) % expert_parallel:
+        raise ValueError(
+            f"expert_parallel={expert_parallel} must divide data_parallel x tensor_parallel x sequence_parallel = "
+            f"{dp * tensor_parallel * sequence_parallel} (world size {world_size})"
+        )
+    return dp
 
 
 def _check(condition: bool, field_name: str, message: str) -> None:

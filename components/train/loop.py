@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from linear_moe.components.train import checkpoint as ckpt
 from linear_moe.components.train.config import TrainConfig

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from linear_moe.model.mixers.base import SINGLE_DEVICE, Linears, Mixer, MixerState, register_mixer
-from linear_moe.model.mixers.common import check_varlen, core_backend, l2_normalize, merge_heads, split_heads, token_shift
+from linear_moe.model.mixers.common import check_varlen, core_backend, merge_heads, split_heads, token_shift
 from linear_moe.model.parallel import current_sequence_parallel
 
 W_SCALE = math.exp(-0.5)  # bound of the log-decay magnitude, as in RWKV7

@@ -137,8 +137,8 @@ def test_trainjob_failure_propagates(data_dir, tmp_path, monkeypatch):
     (dict(preset="huge"), ValueError, "unknown preset"),
     (dict(layer_pattern="LQ"), ValueError, "unknown symbol 'Q'"),
     (dict(model_overrides="{hidden_size: 8"), ValueError, "not valid JSON"),
-    (dict(tensor_parallel=2, nodes=1, gpus_per_node=0), ValueError, "does not divide"),
-    (dict(tensor_parallel=3, nodes=2, gpus_per_node=4), ValueError, "does not divide"),
+    (dict(tensor_parallel=2, nodes=1, gpus_per_node=0), ValueError, "is not divisible by"),
+    (dict(tensor_parallel=3, nodes=2, gpus_per_node=4), ValueError, "is not divisible by"),
     (dict(nodes=2, gpus_per_node=0, micro_batch_size=4, global_batch_size=4), ValueError, "global_batch_size"),
 ], ids=["preset", "pattern", "json", "tp-cpu", "tp-gpus", "batch"])
 def test_trainjob_bad_input_fails_before_the_cluster(data_dir, tmp_path, monkeypatch, kwargs, error, match):

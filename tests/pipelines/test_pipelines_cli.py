@@ -42,7 +42,7 @@ def test_submit_unreachable_host_is_a_clear_error(monkeypatch, capsys, valid_mix
 @pytest.mark.parametrize("argv,match", [
     (["--preset", "huge"], "unknown preset"),
     (["--layer-pattern", "LLQ"], "unknown symbol 'Q'"),
-    (["--tensor-parallel", "3", "--nodes", "1", "--gpus-per-node", "8"], "does not divide"),
+    (["--tensor-parallel", "3", "--nodes", "1", "--gpus-per-node", "8"], "is not divisible by"),
     (["--expert-parallel", "16", "--nodes", "1", "--gpus-per-node", "8"], "expert_parallel"),
     (["--model-overrides", "{hidden_size: 8"], "is not valid JSON"),
     (["--model-overrides", '{"hidden_sise": 8}'], "hidden_sise"),
@@ -97,7 +97,7 @@ def test_run_local_rejects_parallel_sizes_for_one_process(capsys, valid_mixer, t
     root = tmp_path / "root"
     assert cli.main(["run-local", "--pipeline-root", str(root), "--lsm-mixer", valid_mixer,
                      "--tensor-parallel", "2"]) == 2
-    assert "does not divide world size 1" in capsys.readouterr().err
+    assert "world size 1 is not divisible by" in capsys.readouterr().err
     assert not root.exists()
 
 

@@ -111,7 +111,7 @@ def test_parallel_layout_check_matches_train_config(valid_mixer):
     (dict(preset="no-such-preset"), "unknown preset"),
     (dict(preset="tiny", layer_pattern="LXA"), "unknown symbol 'X' at position 1"),
     (dict(preset="tiny", lsm_mixer="no-such-mixer"), "lsm_mixer"),
-    (dict(preset="tiny", layout=tj.ParallelLayout(tensor_parallel=3), nodes=2, gpus_per_node=4), "does not divide"),
+    (dict(preset="tiny", layout=tj.ParallelLayout(tensor_parallel=3), nodes=2, gpus_per_node=4), "is not divisible by"),
     (dict(preset="tiny", layout=tj.ParallelLayout(expert_parallel=16), nodes=1, gpus_per_node=8), "expert_parallel"),
 ], ids=["preset", "pattern", "mixer", "tp", "ep"])
 def test_run_trainjob_fails_before_touching_the_cluster(monkeypatch, valid_mixer, kwargs, match):
