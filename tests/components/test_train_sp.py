@@ -106,7 +106,7 @@ def _run(world: int, model: dict, sizes: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.pt")
         mp.spawn(_worker, args=(world, port, out, model, sizes), nprocs=world, join=True)
-        return torch.load(out, weights_only=False)
+        return torch.load(out, weights_only=True)
 
 
 def _check_matches_reference(runs: dict, sp_size: int) -> None:

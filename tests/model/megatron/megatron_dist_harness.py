@@ -41,7 +41,7 @@ def run_layouts(model: dict, layouts: dict[str, dict], world_size: int = 2, atte
     with tempfile.TemporaryDirectory() as out_dir:
         case = dict(model=model, layouts=layouts, attention_mixer=attention_mixer)
         mp.spawn(_worker, args=(world_size, free_port(), out_dir, case), nprocs=world_size, join=True)
-        return torch.load(os.path.join(out_dir, "result.pt"), weights_only=False)
+        return torch.load(os.path.join(out_dir, "result.pt"), weights_only=True)
 
 
 def _batch(vocab_size: int) -> dict:

@@ -67,6 +67,6 @@ def _worker(rank, port, out_path):
 def test_tp1_model_matches_hand_written_forward(tmp_path):
     out_path = str(tmp_path / "result.pt")
     mp.spawn(_worker, args=(free_port(), out_path), nprocs=1, join=True)
-    result = torch.load(out_path)
+    result = torch.load(out_path, weights_only=True)
     assert result["loss"].shape == result["reference"].shape == (2, 20)
     assert_rel_close("per-token loss", result["reference"], result["loss"], 1e-5)

@@ -91,7 +91,7 @@ def _worker(rank, port, out_dir):
 def results():
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_worker, args=(free_port(), out_dir), nprocs=2, join=True)
-        return torch.load(os.path.join(out_dir, "result.pt"), weights_only=False)
+        return torch.load(os.path.join(out_dir, "result.pt"), weights_only=True)
 
 
 def _config(model_name):
