@@ -219,3 +219,20 @@ class ConvProjection(nn.Module):
         if new_state is not None:
             new_state[key] = tail
         return y_BTC
+
+
+def conv_qkv_projections(config, linears, num_local_heads: int) -> tuple[ConvProjection, ConvProjection, ConvProjection]:
+    """The usual q, k, v: column projections to ``H*K``, ``H*K``, ``H*V`` (whole heads per TP rank),
+    each followed by a short SiLU conv of ``config.conv_size``. Assign them to ``q_proj``/``k_proj``/``v_proj``."""
+    D, H, K, V, W = config.hidden_size, config.num_heads, config.key_dim, config.value_dim, config.conv_size
+    return (ConvProjection(linears.column(D, H * K), num_local_heads * K, W),
+            ConvProjection(linears.column(D, H * K), num_local_heads * K, W),
+            ConvProjection(linears.column(D, H * V), num_local_heads * V, W))
+
+
+def conv_qkv_heads(mixer, x_BTD, state, new_state, cu_seqlens):
+    """Run ``mixer.q_proj/k_proj/v_proj`` (their conv tails under ``conv_q/k/v`` in the state) and split
+    heads: ``q, k (B, T, Hl, K)``, ``v (B, T, Hl, V)``."""
+    H = mixer.num_heads
+    return tuple(split_heads(getattr(mixer, f"{name}_proj")(x_BTD, f"conv_{name}", state, new_state, cu_seqlens), H)
+                 for name in ("q", "k", "v"))

@@ -17,7 +17,7 @@ from torch import nn
 
 from linear_moe.model.mixers.base import SINGLE_DEVICE, Linears, Mixer, MixerState, register_mixer
 from linear_moe.model.mixers.common import (
-    ConvProjection,
+    conv_qkv_projections,
     GatedRMSNorm,
     check_varlen,
     core_backend,
@@ -36,12 +36,9 @@ class DeltaNet(Mixer):
 
     def __init__(self, config, layer_idx: int = 0, linears: Linears = SINGLE_DEVICE):
         super().__init__(config, layer_idx, linears)
-        D, H, K, V = config.hidden_size, config.num_heads, config.key_dim, config.value_dim
+        D, H, V = config.hidden_size, config.num_heads, config.value_dim
         self.num_heads = linears.local_heads(H)
-        Hl, W = self.num_heads, config.conv_size
-        self.q_proj = ConvProjection(linears.column(D, H * K), Hl * K, W)
-        self.k_proj = ConvProjection(linears.column(D, H * K), Hl * K, W)
-        self.v_proj = ConvProjection(linears.column(D, H * V), Hl * V, W)
+        self.q_proj, self.k_proj, self.v_proj = conv_qkv_projections(config, linears, self.num_heads)
         self.b_proj = linears.column(D, H)
         self.g_proj = linears.column(D, H * V) if self.use_output_gate else None
         self.norm = GatedRMSNorm(V, config.norm_eps)

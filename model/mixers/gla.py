@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from linear_moe.model.mixers.base import SINGLE_DEVICE, Linears, Mixer, MixerState, register_mixer
 from linear_moe.model.mixers.common import (
-    ConvProjection,
+    conv_qkv_heads,
+    conv_qkv_projections,
     GatedRMSNorm,
     check_varlen,
     core_backend,
@@ -31,10 +32,7 @@ class GatedLinearAttention(Mixer):
         super().__init__(config, layer_idx, linears)
         D, H, K, V = config.hidden_size, config.num_heads, config.key_dim, config.value_dim
         self.num_heads = linears.local_heads(H)
-        Hl, W = self.num_heads, config.conv_size
-        self.q_proj = ConvProjection(linears.column(D, H * K), Hl * K, W)
-        self.k_proj = ConvProjection(linears.column(D, H * K), Hl * K, W)
-        self.v_proj = ConvProjection(linears.column(D, H * V), Hl * V, W)
+        self.q_proj, self.k_proj, self.v_proj = conv_qkv_projections(config, linears, self.num_heads)
         self.gk_down = linears.replicated(D, self.gate_low_rank_dim)
         self.gk_up = linears.column(self.gate_low_rank_dim, H * K, bias=True)
         self.g_proj = linears.column(D, H * V)
@@ -45,9 +43,7 @@ class GatedLinearAttention(Mixer):
         check_varlen(x_BTD, cu_seqlens)
         new_state: MixerState | None = {} if output_state else None
         H = self.num_heads
-        q = split_heads(self.q_proj(x_BTD, "conv_q", state, new_state, cu_seqlens), H)
-        k = split_heads(self.k_proj(x_BTD, "conv_k", state, new_state, cu_seqlens), H)
-        v = split_heads(self.v_proj(x_BTD, "conv_v", state, new_state, cu_seqlens), H)
+        q, k, v = conv_qkv_heads(self, x_BTD, state, new_state, cu_seqlens)
         g = F.logsigmoid(split_heads(self.gk_up(self.gk_down(x_BTD)), H).float()) / self.gate_logit_normalizer
         o, S = current_sequence_parallel().gla(
             q, k, v, g, initial_state=None if state is None else state.get("S"), output_final_state=output_state,

@@ -15,7 +15,8 @@ import torch
 
 from linear_moe.model.mixers.base import SINGLE_DEVICE, Linears, Mixer, MixerState, register_mixer
 from linear_moe.model.mixers.common import (
-    ConvProjection,
+    conv_qkv_heads,
+    conv_qkv_projections,
     GatedRMSNorm,
     check_varlen,
     core_backend,
@@ -43,12 +44,9 @@ class LightningAttention(Mixer):
 
     def __init__(self, config, layer_idx: int = 0, linears: Linears = SINGLE_DEVICE):
         super().__init__(config, layer_idx, linears)
-        D, H, K, V = config.hidden_size, config.num_heads, config.key_dim, config.value_dim
-        self.num_heads = linears.local_heads(H)
-        Hl, W = self.num_heads, config.conv_size
-        self.q_proj = ConvProjection(linears.column(D, H * K), Hl * K, W)
-        self.k_proj = ConvProjection(linears.column(D, H * K), Hl * K, W)
-        self.v_proj = ConvProjection(linears.column(D, H * V), Hl * V, W)
+        D, H, V = config.hidden_size, config.num_heads, config.value_dim
+        self.num_heads = Hl = linears.local_heads(H)
+        self.q_proj, self.k_proj, self.v_proj = conv_qkv_projections(config, linears, self.num_heads)
         self.g_proj = linears.column(D, H * V)
         self.norm = GatedRMSNorm(V, config.norm_eps)
         self.o_proj = linears.row(H * V, D)
@@ -61,9 +59,7 @@ class LightningAttention(Mixer):
         check_varlen(x_BTD, cu_seqlens)
         new_state: MixerState | None = {} if output_state else None
         H = self.num_heads
-        q = split_heads(self.q_proj(x_BTD, "conv_q", state, new_state, cu_seqlens), H)
-        k = split_heads(self.k_proj(x_BTD, "conv_k", state, new_state, cu_seqlens), H)
-        v = split_heads(self.v_proj(x_BTD, "conv_v", state, new_state, cu_seqlens), H)
+        q, k, v = conv_qkv_heads(self, x_BTD, state, new_state, cu_seqlens)
         if self.q_proj.conv is None:  # the conv carries the silu; without it apply it here
             q, k, v = (torch.nn.functional.silu(t) for t in (q, k, v))
         g = torch.tensor(self.log_decay_H, device=x_BTD.device).expand(*x_BTD.shape[:2], H)
