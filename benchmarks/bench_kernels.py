@@ -20,13 +20,14 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from benchmarks.common import write_json_atomic
 import torch.nn.functional as F
 
 Inputs = dict[str, Any]
@@ -234,11 +235,6 @@ def run_case(op: str, case: Case, spec: OpSpec, args: argparse.Namespace) -> lis
     return rows
 
 
-def run_op(op: str, spec: OpSpec, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Every case of ``op`` that runs on ``args.device``."""
-    return [row for case in spec.cases if args.device in case.devices for row in run_case(op, case, spec, args)]
-
-
 def _format_row(row: dict[str, Any]) -> str:
     head = f"{row['op']:>10} {row['case']:>22} T={row['T']:>5}"
     if "skipped" in row:
@@ -290,18 +286,6 @@ def _check(value, predicate):
     return None if value is None else bool(predicate(value))
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="JSON file to write")
@@ -336,6 +320,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     rows: list[dict[str, Any]] = []
     errors: dict[str, str] = {}
+
+    def write(complete: bool) -> dict[str, Any]:
+        payload = {
+            "config": {
+                "device": args.device,
+                "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor()
+                or platform.machine(),
+                "dtype": args.dtype, "B": 1, "H": args.heads, "K": args.head_dim, "V": args.head_dim,
+                "seq_lens": args.seq_lens, "repeats": args.repeats, "statistic": "median",
+                "threads": torch.get_num_threads(), "torch": torch.__version__, "max_seconds": args.max_seconds,
+                "mode": "forward only, torch.no_grad, output_final_state=True",
+            },
+            "complete": complete,
+            "results": rows,
+            "summary": summarise(rows, args),
+            "errors": errors,
+        }
+        write_json_atomic(args.out, payload)
+        return payload
+
     for op in args.ops:
         try:
             spec = OPS[op]()
@@ -343,22 +347,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             errors[op] = f"ImportError: {err}"
             print(f"{op}: not available ({err})", flush=True)
             continue
-        rows += run_op(op, spec, args)
-    payload = {
-        "config": {
-            "device": args.device,
-            "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor()
-            or platform.machine(),
-            "dtype": args.dtype, "B": 1, "H": args.heads, "K": args.head_dim, "V": args.head_dim,
-            "seq_lens": args.seq_lens, "repeats": args.repeats, "statistic": "median",
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "max_seconds": args.max_seconds,
-            "mode": "forward only, torch.no_grad, output_final_state=True",
-        },
-        "results": rows,
-        "summary": summarise(rows, args),
-        "errors": errors,
-    }
-    write_json_atomic(args.out, payload)
+        for case in spec.cases:
+            if args.device in case.devices:
+                rows += run_case(op, case, spec, args)
+                write(complete=False)  # a run cut short keeps what it measured
+    payload = write(complete=True)
     print(json.dumps(payload["summary"], indent=2))
     return payload
 

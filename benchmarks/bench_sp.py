@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from benchmarks.common import write_json_atomic
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
@@ -226,22 +228,12 @@ def measure_cuda(args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------------------------- entry
 def run(args: argparse.Namespace) -> dict:
     result = {"config": {k: v for k, v in vars(args).items() if k != "out"}, "python": platform.python_version(),
-              "torch": torch.__version__, "comm": [] if args.skip_comm else measure_comm(args)}
+              "torch": torch.__version__, "complete": False, "comm": [] if args.skip_comm else measure_comm(args)}
     if args.device == "cuda":
+        write_json_atomic(args.out, result)  # a run cut short keeps the communication figures
         result.update(measure_cuda(args))
+    result["complete"] = True
     return result
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def main(argv: list[str] | None = None) -> None:

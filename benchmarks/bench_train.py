@@ -6,7 +6,7 @@
 Each case builds :class:`~linear_moe.components.train.step.TrainingModel` (megatron ``GPTModel``
 from our layer specs, megatron DDP) in a world of one (``init_process_group`` +
 ``initialize_parallel``), feeds it synthetic batches of random token ids and times
-``train_step`` (forward, backward, clip, AdamW). tokens/s = tokens per step / median step time of
+``train_step`` (forward, backward, clip, the trainer's optimizer). tokens/s = tokens per step / median step time of
 ``--steps`` timed steps after ``--warmup`` untimed ones (CUDA synchronised around each step). Peak
 memory: ``torch.cuda.max_memory_allocated`` since the model was built (CUDA), the process's
 ``ru_maxrss`` high-water mark (CPU; it never decreases, so later cases inherit earlier peaks).
@@ -30,7 +30,6 @@ import os
 import platform
 import resource
 import statistics
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -40,10 +39,14 @@ from typing import Any, Callable
 
 import torch
 
+from benchmarks.common import write_json_atomic
+
+from linear_moe.components.train.distributed import world_of_one
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 #: Keys every result file has (the smoke test checks them).
-TOP_KEYS = ("benchmark", "suite", "compares", "device", "device_name", "dtype", "versions", "method", "notes",
+TOP_KEYS = ("benchmark", "complete", "suite", "compares", "device", "device_name", "dtype", "versions", "method", "notes",
             "cases", "summary")
 #: Keys every case has; ``tokens_per_s``/``median_step_s``/``peak_memory_mb`` are None unless status is "ok".
 CASE_KEYS = ("name", "group", "mixer", "layer_pattern", "seq_length", "micro_batch_size", "num_microbatches",
@@ -157,8 +160,7 @@ def _gpu_lengths(args: argparse.Namespace) -> Suite:
                   f"{args.tokens_per_step} tokens per step (micro-batch = tokens / length)"),
         notes=[f"A0.3B-2B shapes (hidden 1024, 8 heads, 64 experts, top-8, expert FFN 896, vocab 32000) with "
                f"num_layers reduced from 12 to {args.layers} to fit one GPU",
-               "one micro-batch per step; torch AdamW over the params dtype (no fp32 master weights: megatron's "
-               "optimizer needs its CUDA build), as the trainer does",
+               "one micro-batch per step; the trainer's default optimizer (torch AdamW over the bf16 parameters)",
                "softmax layers: the project's attention mixer (SDPA with an explicit boolean causal mask, so no "
                "FlashAttention kernel)"]
         + ([f"model overrides from --model-overrides: {args.model_overrides}"] if args.model_overrides else []),
@@ -194,25 +196,6 @@ def summarise_lengths(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------- device setup
-@contextlib.contextmanager
-def world_of_one(device: torch.device):
-    """``init_process_group`` (gloo on CPU, nccl on CUDA) + megatron's groups for TP=PP=EP=1."""
-    import torch.distributed as dist
-
-    from linear_moe.components.train.distributed import init_process_group
-    from linear_moe.model.megatron import ParallelSizes, destroy_parallel, initialize_parallel
-
-    init_process_group()
-    try:
-        initialize_parallel(ParallelSizes())  # also binds megatron's router GEMM when TE is absent
-        try:
-            yield
-        finally:
-            destroy_parallel()
-    finally:
-        dist.destroy_process_group()
-
-
 # ----------------------------------------------------------------------------------- one case
 def synthetic_batches(case: Case, vocab_size: int, generator: torch.Generator, device: torch.device):
     """``num_microbatches`` dicts of ``tokens``/``labels`` ``(micro_batch_size, seq_length)`` int64:
@@ -242,6 +225,8 @@ def _is_oom(err: BaseException) -> bool:
 
 def _timed_steps(case: Case, args: argparse.Namespace, row: dict[str, Any]) -> None:
     """Build, warm up, time; fills ``row``. Everything it allocates dies with its frame."""
+    from linear_moe.components.train.config import TrainConfig
+    from linear_moe.components.train.optim import build_optimizer
     from linear_moe.components.train.step import TrainingModel
     from linear_moe.model.config import preset
 
@@ -250,12 +235,14 @@ def _timed_steps(case: Case, args: argparse.Namespace, row: dict[str, Any]) -> N
     row.update(model_config=model_config.to_dict(), layer_pattern=model_config.layer_pattern,
                mixer=model_config.lsm_mixer if case.group != "softmax" else "attention")
     torch.manual_seed(args.seed)
+    train_config = TrainConfig(lr=1e-4, min_lr=1e-5, weight_decay=0.1, grad_clip=1.0)
     model = TrainingModel.build(model_config, seq_length=case.seq_length, micro_batch_size=case.micro_batch_size,
-                                seed=args.seed)
+                                seed=args.seed, distributed_optimizer=train_config.uses_distributed_optimizer())
     row["params"] = sum(p.numel() for p in model.parameters())
     row["moe_grouped_gemm"] = bool(getattr(model.config, "moe_grouped_gemm", False))
     row["params_dtype"] = str(model.config.params_dtype).removeprefix("torch.")
-    optimizer = torch.optim.AdamW(list(model.parameters()), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    optimizer = build_optimizer(model.chunks, train_config)
+    row["optimizer"] = type(optimizer).__name__
     generator = torch.Generator().manual_seed(args.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -264,7 +251,7 @@ def _timed_steps(case: Case, args: argparse.Namespace, row: dict[str, Any]) -> N
         batches = synthetic_batches(case, model_config.vocab_size, generator, device)
         _sync(device)
         start, cpu_start = time.perf_counter(), time.process_time()
-        loss, _moe_stats = model.train_step(batches, optimizer, grad_clip=1.0)
+        loss, _moe_stats = model.train_step(batches, optimizer)
         _sync(device)
         elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu_start
         losses.append(float(loss))
@@ -335,18 +322,6 @@ def _versions() -> dict[str, Any]:
             "megatron_core": _version("megatron-core"), "cuda": torch.version.cuda}
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _int_list(text: str) -> list[int]:
     return sorted(int(x) for x in text.split(",") if x.strip())
 
@@ -399,7 +374,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = args.torch_device
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
-    with world_of_one(device):
+
+    def write(complete: bool) -> dict[str, Any]:
+        payload = {
+            "benchmark": "bench_train",
+            "complete": complete,
+            "suite": args.suite,
+            "compares": suite.compares,
+            "device": args.device,
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else (platform.processor() or platform.machine()),
+            "dtype": str(suite.dtype).removeprefix("torch."),
+            "versions": _versions(),
+            "method": {
+                "statistic": "median", "warmup_steps": args.warmup, "timed_steps": args.steps,
+                "tokens_per_s": "tokens_per_step / median step seconds (each step CUDA-synchronised on both ends)",
+                "step": "TrainingModel.train_step (megatron schedule, DDP, grad clip 1.0, the trainer's default "
+                        "optimizer: torch AdamW), world of one",
+                "peak_memory_mb": "torch.cuda.max_memory_allocated since the model was built" if device.type == "cuda"
+                else "ru_maxrss: the process's high-water mark so far (never decreases across cases)",
+                "data": "synthetic: uniformly random token ids, labels = next id",
+                "step_cpu_s": "process CPU seconds per step (all threads; robust to other processes on shared cores)",
+                "threads": torch.get_num_threads(),
+            },
+            "notes": suite.notes,
+            "cases": rows,
+            "summary": suite.summarise(rows),
+            "wall_s": time.perf_counter() - started,
+        }
+        write_json_atomic(args.out, payload)
+        return payload
+
+    with world_of_one():
         for case in suite.cases:
             elapsed = time.perf_counter() - started
             if args.budget_s is not None and elapsed > args.budget_s:
@@ -408,31 +414,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else:
                 rows.append(run_case(case, args))
             print(_format_row(rows[-1]), flush=True)
-    payload = {
-        "benchmark": "bench_train",
-        "suite": args.suite,
-        "compares": suite.compares,
-        "device": args.device,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else (platform.processor() or platform.machine()),
-        "dtype": str(suite.dtype).removeprefix("torch."),
-        "versions": _versions(),
-        "method": {
-            "statistic": "median", "warmup_steps": args.warmup, "timed_steps": args.steps,
-            "tokens_per_s": "tokens_per_step / median step seconds (each step CUDA-synchronised on both ends)",
-            "step": "TrainingModel.train_step (megatron schedule, DDP, grad clip 1.0, torch AdamW), world of one",
-            "peak_memory_mb": "torch.cuda.max_memory_allocated since the model was built" if device.type == "cuda"
-            else "ru_maxrss: the process's high-water mark so far (never decreases across cases)",
-            "data": "synthetic: uniformly random token ids, labels = next id",
-            "step_cpu_s": "process CPU seconds per step (all threads; robust to other processes on shared cores)",
-            "threads": torch.get_num_threads(),
-        },
-        "notes": suite.notes,
-        "cases": rows,
-        "summary": suite.summarise(rows),
-        "wall_s": time.perf_counter() - started,
-    }
-    write_json_atomic(args.out, payload)
+            write(complete=False)  # a run cut short keeps what it measured
+    payload = write(complete=True)
     print(json.dumps(payload["summary"], indent=2), flush=True)
     return payload
 

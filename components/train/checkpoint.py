@@ -1,11 +1,12 @@
-"""Checkpoints that survive a kill: megatron ``dist_checkpointing`` for the model, safetensors for the
-optimizer, all written under ``step_XXXXXXX.partial`` and renamed once every rank has finished.
+"""Checkpoints that survive a kill: megatron ``dist_checkpointing`` for the model, the optimizer in
+its own format, all written under ``step_XXXXXXX.partial`` and renamed once every rank has finished.
 
 Layout of one complete checkpoint::
 
     checkpoints/step_0000100/
         model/                      megatron dist_checkpointing directory (any TP/PP/EP layout)
-        optimizer/rank_00000.safetensors + rank_00000.json   per-rank torch optimizer state
+        optimizer/                  the optimizer's own format (components/train/optim.py): per-rank
+                                    safetensors for torch AdamW, dist_checkpointing for megatron's
         train_state.json            step, configs; written last, before the rename
 A directory without ``train_state.json`` or still named ``.partial`` is never taken as complete.
 """
@@ -21,7 +22,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
 STEP_DIR = re.compile(r"^step_(\d{7})$")
 STATE_FILE = "train_state.json"
@@ -47,7 +47,7 @@ def latest_complete(root: str | Path) -> Path | None:
 
 
 def save_checkpoint(root: str | Path, step: int, model_chunks: list[torch.nn.Module],
-                    optimizer: torch.optim.Optimizer, train_state: dict[str, Any]) -> Path:
+                    optimizer, train_state: dict[str, Any]) -> Path:
     """Collective: every rank calls it. Returns the final directory."""
     from megatron.core import dist_checkpointing
 
@@ -59,13 +59,13 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: list[torch.nn.Mod
         (partial / "model").mkdir(parents=True)
         (partial / "optimizer").mkdir()
     dist.barrier()
-    dist_checkpointing.save(_sharded_state_dict(model_chunks), str(partial / "model"))
-    _save_optimizer(optimizer, partial / "optimizer", rank)
+    dist_checkpointing.save(model_sharded_state_dict(model_chunks), str(partial / "model"))
+    optimizer.save(partial / "optimizer", model_chunks)
     dist.barrier()
     if COMMIT_DELAY_ENV in os.environ:  # fault injection for the kill-and-resume test
         time.sleep(float(os.environ[COMMIT_DELAY_ENV]))
     if rank == 0:
-        _write_json_atomic(partial / STATE_FILE, {**train_state, "step": step})
+        write_json_atomic(partial / STATE_FILE, {**train_state, "step": step})
         previous = final.with_name(final.name + ".old")
         if final.exists():  # a re-save of the same step: move the old one aside, never delete it first
             shutil.rmtree(previous, ignore_errors=True)
@@ -77,7 +77,7 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: list[torch.nn.Mod
 
 
 def load_checkpoint(path: str | Path, model_chunks: list[torch.nn.Module],
-                    optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+                    optimizer) -> dict[str, Any]:
     """Load model (and optimizer) state in place; returns the saved ``train_state``."""
     from megatron.core import dist_checkpointing
 
@@ -85,58 +85,29 @@ def load_checkpoint(path: str | Path, model_chunks: list[torch.nn.Module],
     state_file = path / STATE_FILE
     if not state_file.is_file():
         raise ValueError(f"{path} is not a complete checkpoint ({STATE_FILE} missing)")
-    loaded = dist_checkpointing.load(_sharded_state_dict(model_chunks), str(path / "model"))
+    loaded = dist_checkpointing.load(model_sharded_state_dict(model_chunks), str(path / "model"))
     for i, chunk in enumerate(model_chunks):
         chunk.load_state_dict(loaded[f"chunk{i}"] if len(model_chunks) > 1 else loaded, strict=True)
-    if optimizer is not None and (path / "optimizer").is_dir():  # absent in converted HF -> Megatron checkpoints
-        _load_optimizer(optimizer, path / "optimizer", dist.get_rank())
+    if optimizer is not None:
+        optimizer.reload_model_params()  # fp32 master copies follow the loaded weights...
+        if (path / "optimizer").is_dir():  # ...and then the saved state (absent in converted HF -> Megatron ones)
+            optimizer.load(path / "optimizer", model_chunks)
     return json.loads(state_file.read_text())
 
 
-def _sharded_state_dict(model_chunks: list[torch.nn.Module]) -> dict[str, Any]:
+def model_sharded_state_dict(model_chunks: list[torch.nn.Module]) -> dict[str, Any]:
     if len(model_chunks) == 1:
-        return _unwrap(model_chunks[0]).sharded_state_dict()
-    return {f"chunk{i}": _unwrap(chunk).sharded_state_dict(prefix="") for i, chunk in enumerate(model_chunks)}
+        return unwrap_model(model_chunks[0]).sharded_state_dict()
+    return {f"chunk{i}": unwrap_model(chunk).sharded_state_dict(prefix="") for i, chunk in enumerate(model_chunks)}
 
 
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+def unwrap_model(module: torch.nn.Module) -> torch.nn.Module:
     while hasattr(module, "module"):
         module = module.module
     return module
 
 
-def _save_optimizer(optimizer: torch.optim.Optimizer, directory: Path, rank: int) -> None:
-    state = optimizer.state_dict()
-    tensors = {f"state.{index}.{name}": value.detach().contiguous().cpu()
-               for index, entry in state["state"].items() for name, value in entry.items()
-               if isinstance(value, torch.Tensor)}
-    scalars = {f"{index}.{name}": value for index, entry in state["state"].items()
-               for name, value in entry.items() if not isinstance(value, torch.Tensor)}
-    stem = directory / f"rank_{rank:05d}"
-    tmp = stem.with_suffix(".safetensors.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, stem.with_suffix(".safetensors"))
-    _write_json_atomic(stem.with_suffix(".json"), {"param_groups": state["param_groups"], "scalars": scalars})
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, directory: Path, rank: int) -> None:
-    stem = directory / f"rank_{rank:05d}"
-    if not stem.with_suffix(".safetensors").is_file():
-        raise ValueError(f"optimizer state {stem}.safetensors is missing: was the checkpoint written with a "
-                         f"different number of ranks?")
-    tensors = load_file(str(stem.with_suffix(".safetensors")))
-    meta = json.loads(stem.with_suffix(".json").read_text())
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
-    for key, value in meta["scalars"].items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
     os.replace(tmp, path)

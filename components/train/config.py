@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from linear_moe.components.train.optim import OPTIMIZERS
 from linear_moe.model import ModelConfig, preset
 
 
 RECOMPUTE_MODES = ("none", "full", "selective")
+OPTIMIZER_CHOICES = tuple(OPTIMIZERS)
 
 
 @dataclass
@@ -38,6 +40,8 @@ class TrainConfig:
     adam_beta1: float = 0.9  # AdamW beta1
     adam_beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # global gradient-norm clip (0 disables)
+    optimizer: str = "torch"  # torch (AdamW) | megatron (CUDA only: fp32 master weights, distributed optimizer)
+    distributed_optimizer: bool = True  # megatron optimizer only: shard its state over data-parallel ranks
     seed: int = 1234  # model init, data order
 
     # --- parallelism (world size = tp * pp * sp * dp, with ep dividing dp * tp * sp as in megatron) ---
@@ -46,6 +50,7 @@ class TrainConfig:
     expert_parallel: int = 1
     sequence_parallel: int = 1  # LASP-2 sequence parallelism (megatron's context-parallel group) size
     recompute: str = "none"  # activation recomputation: none | full | selective (megatron's granularities)
+    moe_grouped_gemm: bool = False  # megatron's grouped-GEMM experts (bf16 only, so GPU) instead of one MLP per expert
 
     # --- evaluation, checkpoints, logs ---
     eval_interval: int = 50  # steps between validation-loss evaluations (0 disables)
@@ -71,6 +76,7 @@ class TrainConfig:
                "holds one contiguous chunk of every sample")
         _check(self.eval_iters > 0 or self.eval_interval == 0, "eval_iters",
                f"must be positive when eval_interval={self.eval_interval} > 0 (set eval_interval: 0 to disable)")
+        _check(self.optimizer in OPTIMIZER_CHOICES, "optimizer", f"{self.optimizer!r} not in {OPTIMIZER_CHOICES}")
         _check(self.recompute in RECOMPUTE_MODES, "recompute", f"{self.recompute!r} not in {RECOMPUTE_MODES}")
         self.model_config()  # raises ValueError naming the bad model field or preset
 
@@ -88,6 +94,10 @@ class TrainConfig:
                 f"{self.micro_batch_size} x data_parallel={dp}"
             )
         return dp
+
+    def uses_distributed_optimizer(self) -> bool:
+        """Whether DDP must lay out its buffers for megatron's distributed optimizer."""
+        return self.distributed_optimizer and self.optimizer == "megatron"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,6 +1,7 @@
-"""The training loop: megatron-core model, schedules and checkpoints; torch AdamW on CPU.
+"""The training loop: megatron-core model, schedules and checkpoints.
 
-One code path for CPU (gloo, fp32) and GPU (nccl, bf16): only the backend and dtypes differ.
+One code path for CPU (gloo, fp32) and GPU (nccl, bf16): only the backend, the dtypes and, by
+choice, the optimizer (``components/train/optim.py``) and the experts' GEMM differ.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from linear_moe.components.train.config import TrainConfig
 from linear_moe.components.train.data import build_datasets, check_dataset, microbatches, read_tokenizer_info
 from linear_moe.components.train.distributed import init_process_group
 from linear_moe.components.train.metrics import MetricsLogger
+from linear_moe.components.train.optim import build_optimizer, check_optimizer_available
 from linear_moe.components.train.schedule import lr_at
 
 
@@ -40,7 +42,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     try:
         torch.manual_seed(config.seed)
         model = _build_model(model_config, config)
-        optimizer = _build_optimizer(model, config)
+        optimizer = build_optimizer(model.chunks, config)
         start_step = 0
         if latest is not None:
             start_step = ckpt.load_checkpoint(latest, model.chunks, optimizer)["step"]
@@ -62,11 +64,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
             started = time.perf_counter()
             lr = lr_at(step, lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps,
                        total_steps=config.steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            optimizer.set_lr(lr)
             batches = microbatches(train_ds, step=step, global_batch_size=config.global_batch_size,
                                    micro_batch_size=config.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
-            loss, moe = model.train_step(batches, optimizer, grad_clip=config.grad_clip)
+            loss, moe = model.train_step(batches, optimizer)
             elapsed = time.perf_counter() - started
             record = {
                 "loss": loss, "lr": lr, "grad_norm": model.last_grad_norm,
@@ -102,6 +103,7 @@ def preflight(config: TrainConfig, world_size: int):
     naming the problem before anything is started.
     """
     config.data_parallel(world_size)
+    check_optimizer_available(config.optimizer)
     model_config = config.model_config()
     tokenizer = read_tokenizer_info(config.data_dir)
     if tokenizer.vocab_size > model_config.vocab_size:
@@ -126,18 +128,9 @@ def _build_model(model_config, config: TrainConfig):
     from linear_moe.components.train.step import TrainingModel
 
     return TrainingModel.build(model_config, seq_length=config.seq_length, micro_batch_size=config.micro_batch_size,
-                               recompute=config.recompute, seed=config.seed)
-
-
-def _build_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on norms, biases and other 1-D parameters."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=1e-8)
+                               recompute=config.recompute, seed=config.seed,
+                               distributed_optimizer=config.uses_distributed_optimizer(),
+                               moe_grouped_gemm=config.moe_grouped_gemm)
 
 
 def _check_same_model(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:

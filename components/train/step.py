@@ -1,8 +1,7 @@
-"""One training step on the megatron model: forward-backward schedule, gradient clipping, AdamW,
+"""One training step on the megatron model: forward-backward schedule, then the optimizer step,
 plus the MoE statistics (aux losses, per-expert load) the trainer logs."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -26,9 +25,16 @@ class TrainingModel:
 
     @classmethod
     def build(cls, model_config, *, seq_length: int, micro_batch_size: int, recompute: str = "none",
-              seed: int = 1234) -> "TrainingModel":
-        """Build this rank's part of the model under megatron's initialised process groups."""
+              seed: int = 1234, distributed_optimizer: bool = False, params_dtype: torch.dtype | None = None,
+              moe_grouped_gemm: bool = False) -> "TrainingModel":
+        """Build this rank's part of the model under megatron's initialised process groups.
+
+        As megatron's ``get_model`` does: on GPU every module moves to the device in ``params_dtype``
+        (bf16 unless given) inside a ``Float16Module``; DDP reduces gradients in fp32 and, with
+        ``distributed_optimizer``, lays its buffers out for megatron's distributed optimizer.
+        """
         from megatron.core import parallel_state as ps
+        from megatron.core.transformer.module import Float16Module
 
         from linear_moe.model.megatron import ParallelSizes, build_gpt_model, transformer_config, wrap_ddp
 
@@ -36,39 +42,38 @@ class TrainingModel:
                               pipeline=ps.get_pipeline_model_parallel_world_size(),
                               expert=ps.get_expert_model_parallel_world_size(),
                               context=ps.get_context_parallel_world_size())
-        config = transformer_config(model_config, sizes, recompute=None if recompute == "none" else recompute)
+        config = transformer_config(model_config, sizes, params_dtype=params_dtype, moe_grouped_gemm=moe_grouped_gemm,
+                                    recompute=None if recompute == "none" else recompute)
         model = build_gpt_model(model_config, config, seed=seed)
-        if torch.cuda.is_available():  # megatron's get_model does the same: every module on the GPU, in params_dtype
+        if torch.cuda.is_available():
             model = model.to(device=torch.device("cuda", torch.cuda.current_device()), dtype=config.params_dtype)
-        return cls(model_config, config, [wrap_ddp(model, config)], seq_length=seq_length,
-                   micro_batch_size=micro_batch_size)
+        if config.bf16:
+            model = Float16Module(config, model)
+        chunk = wrap_ddp(model, config, use_distributed_optimizer=distributed_optimizer)
+        return cls(model_config, config, [chunk], seq_length=seq_length, micro_batch_size=micro_batch_size)
 
     def parameters(self):
         for chunk in self.chunks:
             yield from chunk.parameters()
 
     # ------------------------------------------------------------------ steps
-    def train_step(self, batches: list[dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
-                   grad_clip: float) -> tuple[float, dict[str, Any]]:
-        """Forward/backward over ``batches`` (this rank's micro-batches), clip, step.
+    def train_step(self, batches: list[dict[str, torch.Tensor]], optimizer) -> tuple[float, dict[str, Any]]:
+        """Forward/backward over ``batches`` (this rank's micro-batches), then ``optimizer.step()``.
 
-        Returns the global mean loss and the MoE statistics, identical on every rank.
+        ``optimizer`` is one of :mod:`~linear_moe.components.train.optim` (it clips and records the
+        global grad norm in ``self.last_grad_norm``). Returns the global mean loss and the MoE
+        statistics, identical on every rank.
         """
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
         for chunk in self.chunks:
             chunk.train()
             chunk.zero_grad_buffer()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         self._tokens_per_expert.clear()
         clear_aux_losses_tracker()
         losses = self._schedule(batches, forward_only=False)
-        for param in self.parameters():
-            main_grad = getattr(param, "main_grad", None)
-            if param.requires_grad and main_grad is not None:
-                param.grad = main_grad.to(param.dtype)
-        self.last_grad_norm = self._clip(grad_clip)
-        optimizer.step()
+        self.last_grad_norm = optimizer.step()
         return self._global_mean(losses), self._moe_stats(len(batches))
 
     @torch.no_grad()
@@ -100,28 +105,6 @@ class TrainingModel:
             value[1] = 1.0
         dist.all_reduce(value)
         return float(value[0] / value[1])
-
-    def _clip(self, max_norm: float) -> float:
-        """Global L2 norm over every rank's distinct gradients (TP duplicates counted once)."""
-        from megatron.core import parallel_state as ps
-        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-
-        dense = torch.zeros(1, dtype=torch.float64, device=self.device)
-        expert = torch.zeros(1, dtype=torch.float64, device=self.device)
-        params = [p for p in self.parameters() if p.grad is not None]
-        for param in params:
-            if not param_is_not_tensor_parallel_duplicate(param):
-                continue
-            target = expert if not getattr(param, "allreduce", True) else dense
-            target += param.grad.detach().double().pow(2).sum()
-        dist.all_reduce(dense, group=ps.get_model_parallel_group())
-        dist.all_reduce(expert, group=ps.get_expert_tensor_model_pipeline_parallel_group())
-        norm = math.sqrt(float(dense + expert))
-        if max_norm > 0 and norm > max_norm:
-            scale = max_norm / (norm + 1e-6)
-            for param in params:
-                param.grad.mul_(scale)
-        return norm
 
     def _watch_routers(self) -> None:
         """Record each router's per-expert token counts during the training forward."""

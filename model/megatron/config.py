@@ -38,15 +38,18 @@ def transformer_config(
     *,
     params_dtype: torch.dtype | None = None,
     recompute: str | None = None,
-    moe_grouped_gemm: bool | None = None,
+    moe_grouped_gemm: bool = False,
     **overrides: Any,
 ):
     """Build the megatron ``TransformerConfig`` for ``model_config`` under ``parallel``.
 
-    fp32 on CPU, bf16 on GPU unless ``params_dtype`` says otherwise. Grouped-GEMM experts stay off
-    unless ``moe_grouped_gemm=True``: the layout-independent init and the HF converter know only the
-    per-expert layout. Capacity dropping keeps assignments in token order ("position"), as the
-    single-device ``model/moe`` does, so trained and exported models drop the same tokens.
+    fp32 on CPU, bf16 on GPU unless ``params_dtype`` says otherwise. ``moe_grouped_gemm`` picks
+    megatron's grouped-GEMM experts (``GroupedMLP``) over the per-expert ``SequentialMLP``; both have
+    the same full state dict, init and HF export. It is opt-in (``TrainConfig.moe_grouped_gemm``): it
+    matches ``SequentialMLP`` on CPU, but has not yet been run on a GPU. GroupedMLP needs ``bf16=True`` (megatron asserts it in the
+    forward); CPU tests pass ``bf16=True`` as an override with fp32 ``params_dtype``.
+    Capacity dropping keeps assignments in token order ("position"), as the single-device
+    ``model/moe`` does, so trained and exported models drop the same tokens.
     Sequence parallelism is on whenever ``parallel.tensor > 1``: megatron's MoE requires it with TP,
     and the mixer adapter relies on it to sum the gradients of TP-replicated mixer parameters.
     ``overrides`` go to ``TransformerConfig`` last (e.g. ``moe_token_dispatcher_type="allgather"``).
@@ -59,10 +62,6 @@ def transformer_config(
     for field, dim in _DIVISIBLE_BY:
         _check_divisible(mc, field, getattr(mc, field), dim, getattr(parallel, dim))
     on_gpu = torch.cuda.is_available()
-    if moe_grouped_gemm is None:
-        # off by default: layout-independent init (init.py) and the HF converter (state_dict.py) know
-        # the per-expert SequentialMLP layout, not megatron's packed GroupedMLP weights
-        moe_grouped_gemm = False
     if params_dtype is None:
         params_dtype = torch.bfloat16 if on_gpu else torch.float32
     has_moe = any(kind.is_moe for kind in mc.layer_kinds)
@@ -127,6 +126,11 @@ def transformer_config(
             **ROUTERS[mc.moe_router],
         )
     fields.update(overrides)
+    if fields.get("moe_grouped_gemm") and not fields["bf16"]:
+        raise ValueError(
+            f"moe_grouped_gemm=True needs bf16=True (megatron's GroupedMLP asserts config.bf16), but "
+            f"params_dtype={params_dtype} gives bf16=False; use bf16 parameters, or pass bf16=True as an override"
+        )
     return TransformerConfig(**fields)
 
 

@@ -1,9 +1,11 @@
 """Run megatron-core 0.16.1 on a CPU-only machine with gloo: every CUDA-only call it makes, patched here.
 
-This is the only module that patches megatron or ``torch.cuda``. Each entry of :data:`CPU_PATCHES`
+This is the only module that patches megatron or ``torch.cuda`` for the CPU (``grouped_gemm.py``
+supplies the ``gmm`` op megatron's grouped-GEMM experts import). Each entry of :data:`CPU_PATCHES`
 names one incompatibility measured on a CPU-only host (see tests/model/megatron/test_cpu_compat.py,
 which shows every unpatched call failing and passing after the patch). :func:`apply_cpu_patches` is
-idempotent and does nothing when CUDA is available.
+idempotent and does nothing when CUDA is available. :func:`megatron_optimizer_on_cpu` is separate and
+scoped: it lets tests run megatron's (CUDA-only) optimizer on CPU; the trainer never uses it.
 """
 from __future__ import annotations
 
@@ -210,6 +212,49 @@ def _patch_hardcoded_cuda_device() -> None:
     for module in (schedules, moe_utils):
         if not isinstance(module.torch, _CpuDeviceTorch):
             module.torch = _CpuDeviceTorch(torch)
+
+
+# ---------------------------------------------------------------- megatron's optimizer (tests only)
+#: megatron modules whose optimizer code allocates scratch tensors with ``device="cuda"``
+_OPTIMIZER_MODULES = (
+    "megatron.core.optimizer.optimizer", "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.clip_grads", "megatron.core.utils",
+)
+
+
+@contextlib.contextmanager
+def megatron_optimizer_on_cpu():
+    """Run megatron-core's optimizer (``get_megatron_optimizer``: FP32Optimizer, DistributedOptimizer)
+    on CPU fp32 parameters, so tests can prove it by equivalence on gloo. Not used by the trainer,
+    which takes torch AdamW on CPU (``TrainConfig.optimizer``).
+
+    Two things stop it on a CPU: it checks ``param.type() == "torch.cuda.FloatTensor"`` (and asserts
+    the same of gradients before clipping), and it allocates scratch tensors (norms, overflow flags,
+    loss scale) with ``device="cuda"``. Inside this context ``Tensor.type()`` without arguments names
+    CPU tensors by their CUDA type, and those modules' tensor factories allocate on the CPU. Both are
+    undone on exit. Not idempotent across threads; the optimizer's arithmetic is untouched.
+    """
+    import importlib
+
+    check_megatron_version()
+    modules = [importlib.import_module(name) for name in _OPTIMIZER_MODULES]
+    saved_torch = [module.torch for module in modules]
+    saved_type = torch.Tensor.type
+
+    def cuda_type_name(self, *args, **kwargs):
+        if args or kwargs or self.is_cuda:
+            return saved_type(self, *args, **kwargs)
+        return saved_type(self).replace("torch.", "torch.cuda.", 1)
+
+    torch.Tensor.type = cuda_type_name
+    for module in modules:
+        module.torch = _CpuDeviceTorch(torch)
+    try:
+        yield
+    finally:
+        torch.Tensor.type = saved_type
+        for module, original in zip(modules, saved_torch):
+            module.torch = original
 
 
 #: name -> function that installs the patch. Order matters only in that all are applied together.

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from linear_moe.model.config import ModelConfig
+from linear_moe.model.megatron.grouped_gemm import install_gmm
 from linear_moe.model.megatron.init import initialize_parameters
 from linear_moe.model.megatron.specs import block_spec
 
@@ -19,7 +20,8 @@ def build_gpt_model(model_config: ModelConfig, config, attention_mixer: str = "a
 
     Parameters are then re-initialised from their global identity (:func:`~linear_moe.model.megatron.init.
     initialize_parameters` with ``seed``), so the gathered initial model is the same for every layout.
-    The CPU generator is left as it was.
+    The CPU generator is left as it was. With ``config.moe_grouped_gemm`` the experts are megatron's
+    ``GroupedMLP``, whose ``gmm`` op :func:`~linear_moe.model.megatron.grouped_gemm.install_gmm` provides.
     """
     from megatron.core import parallel_state
 
@@ -44,6 +46,8 @@ def _gpt_model(model_config, config, attention_mixer, pipeline_size, pipeline_ra
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
+    if config.moe_grouped_gemm:
+        install_gmm()  # GroupedMLP needs a gmm op: the grouped_gemm package, or ours
     return GPTModel(
         config=config,
         transformer_layer_spec=block_spec(model_config, pipeline_size, pipeline_rank, attention_mixer,

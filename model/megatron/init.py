@@ -12,6 +12,9 @@ one, routers ``init_method`` with a zero ``expert_bias``, embedding ``embedding_
 is rebuilt on its own, full-size, with ``MIXERS[name](model_config, layer_idx)`` under a seed of its
 layer, so mixer-specific inits (A_log, dt_bias, decay ramps, conv kernels) are kept; its column/row/
 replicated projections follow the linear conventions above. At most one mixer is materialised at once.
+Routed experts are drawn per expert under their SequentialMLP names (``experts.local_experts.<e>.
+linear_fc1.weight``), whichever module holds them, so a grouped-GEMM build (GroupedMLP, its experts
+packed in ``weight1``/``weight2``) starts from the same experts as a per-expert one.
 """
 from __future__ import annotations
 
@@ -26,7 +29,14 @@ from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from torch import nn
 
 from linear_moe.model.megatron.mixer_adapter import MixerAdapter
-from linear_moe.model.megatron.state_dict import Layout, RankCoords, global_key, shard_layout, shard_state_dict
+from linear_moe.model.megatron.state_dict import (
+    Layout,
+    RankCoords,
+    global_key,
+    local_entries,
+    shard_layout,
+    shard_state_dict,
+)
 from linear_moe.model.mixers import MIXERS
 from linear_moe.model.mixers.base import Linears
 
@@ -63,14 +73,10 @@ INIT_RULES: dict[type, dict[str, Fill]] = {
     TopKRouter: {"weight": _init_method, "bias": _init_method, "expert_bias": _zeros,
                  "local_tokens_per_expert": _zeros},
     SharedExpertMLP: {"gate_weight": _init_method},
+    # packed experts: each expert's fc1 / fc2 filled like SequentialMLP's column / row linear
+    GroupedMLP: {"weight1": _init_method, "weight2": _output_init_method},
     nn.RMSNorm: {"weight": _ones},
     nn.LayerNorm: {"weight": _ones, "bias": _zeros},
-}
-
-#: module class -> why it has no rule and what to build instead
-UNSUPPORTED: dict[type, str] = {
-    GroupedMLP: "legacy grouped-GEMM experts pack every local expert into weight1/weight2, which the state-dict "
-                "layout does not describe; build with transformer_config(..., moe_grouped_gemm=False)",
 }
 
 #: a tied output layer (last stage of a pipeline) is a copy of the embedding: same seed, same fill
@@ -136,13 +142,14 @@ def initialize_parameters(model: nn.Module, model_config, config, seed: int = 12
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         for prefix, module in _owners(model):
             if isinstance(module, MixerAdapter):
-                full = reference_mixer_state(module, config, seed)
+                full = {rel_name: {global_key(prefix + rel_name, coords): tensor}
+                        for rel_name, tensor in reference_mixer_state(module, config, seed).items()}
             else:
                 full = _rule_tensors(module, prefix, local, layout, coords, config, seed, tied)
-            for rel_name, full_tensor in full.items():
+            for rel_name, full_tensors in full.items():
                 key = prefix + rel_name
                 if key in layout:
-                    _copy_shard(local[key], full_tensor, key, layout, coords)
+                    _copy_shard(local[key], full_tensors, key, layout, coords)
                     done.add(key)
     missing = sorted(set(layout) - done)
     if missing:
@@ -168,8 +175,6 @@ def _direct_tensors(module: nn.Module) -> list[str]:
 
 def _rule_for(module: nn.Module, prefix: str) -> dict[str, Fill]:
     for cls in type(module).__mro__:
-        if cls in UNSUPPORTED:
-            raise ValueError(f"initialize_parameters: {prefix.rstrip('.')} ({cls.__name__}): {UNSUPPORTED[cls]}")
         if cls in INIT_RULES:
             return INIT_RULES[cls]
     raise ValueError(
@@ -179,7 +184,8 @@ def _rule_for(module: nn.Module, prefix: str) -> dict[str, Fill]:
 
 
 def _rule_tensors(module, prefix, local, layout: Layout, coords: RankCoords, config, seed, tied):
-    """Full tensors (fp32) of the tensors ``module`` owns directly and that are in ``layout``."""
+    """``{tensor name: {full-model name: full tensor (fp32)}}`` for the tensors ``module`` owns directly
+    and that are in ``layout``: one full tensor each, or one per expert for a packed GroupedMLP weight."""
     rule = _rule_for(module, prefix)
     full = {}
     for name in _direct_tensors(module):
@@ -191,11 +197,13 @@ def _rule_tensors(module, prefix, local, layout: Layout, coords: RankCoords, con
                 f"initialize_parameters: {key} ({type(module).__name__}.{name}) has no init rule; "
                 "add it to INIT_RULES in model/megatron/init.py"
             )
-        seed_name, fill = tied.get(key, (global_key(key, coords), rule[name]))
-        tensor = torch.empty(_full_shape(local[key], layout[key], coords), dtype=torch.float32)
-        torch.manual_seed(derived_seed(seed, seed_name))
-        fill(tensor, config)
-        full[name] = tensor
+        full[name] = {}
+        for full_name, local_slice, spec in local_entries(key, local[key], layout[key], coords):
+            seed_name, fill = tied.get(key, (full_name, rule[name]))
+            tensor = torch.empty(_full_shape(local_slice, spec, coords), dtype=torch.float32)
+            torch.manual_seed(derived_seed(seed, seed_name))
+            fill(tensor, config)
+            full[name][full_name] = tensor
     return full
 
 
@@ -210,12 +218,13 @@ def _full_shape(local: torch.Tensor, spec, coords: RankCoords) -> tuple[int, ...
     return tuple(shape)
 
 
-def _copy_shard(local: torch.Tensor, full: torch.Tensor, key: str, layout: Layout, coords: RankCoords) -> None:
-    name = global_key(key, coords)
-    shard = shard_state_dict({name: full}, {key: layout[key]}, coords)[key]
+def _copy_shard(local: torch.Tensor, full: dict[str, torch.Tensor], key: str, layout: Layout,
+                coords: RankCoords) -> None:
+    shard = shard_state_dict(full, {key: layout[key]}, coords)[key]
     if shard.shape != local.shape:
+        shapes = [tuple(tensor.shape) for tensor in full.values()]
         raise ValueError(
-            f"initialize_parameters: {key}: the slice of the full tensor {tuple(full.shape)} has shape "
+            f"initialize_parameters: {key}: the slice of the full tensors {shapes} has shape "
             f"{tuple(shard.shape)}, the local tensor {tuple(local.shape)}; is its partition_dim tagged right?"
         )
     local.copy_(shard)

@@ -10,16 +10,17 @@ import functools
 import torch
 
 
-def wrap_ddp(model: torch.nn.Module, config, bucket_size: int | None = None):
+def wrap_ddp(model: torch.nn.Module, config, bucket_size: int | None = None, use_distributed_optimizer: bool = False):
     """Wrap one model chunk in megatron DDP and point ``config`` at ``finalize_model_grads``.
 
-    Gradients are reduced in fp32 into ``param.main_grad``; ``TrainingModel.train_step`` hands them to the
-    torch optimizer.
+    Gradients are reduced in fp32 into ``param.main_grad`` (all-reduced, or reduce-scattered for
+    megatron's distributed optimizer), where the optimizers of ``components/train/optim.py`` read them.
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False, bucket_size=bucket_size
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=use_distributed_optimizer,
+        bucket_size=bucket_size,
     )
     config.finalize_model_grads_func = finalize_model_grads
     return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)

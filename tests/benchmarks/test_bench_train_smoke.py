@@ -34,6 +34,7 @@ def _check_declared_keys(result: dict) -> None:
     from benchmarks.bench_train import CASE_KEYS, STATUSES, TOP_KEYS
 
     assert set(TOP_KEYS) <= set(result), sorted(set(TOP_KEYS) - set(result))
+    assert result["complete"] is True
     assert result["versions"]["torch"] and result["versions"]["fla"] and result["device_name"]
     for case in result["cases"]:
         assert set(CASE_KEYS) <= set(case), sorted(set(CASE_KEYS) - set(case))
@@ -77,3 +78,26 @@ def test_gpu_lengths_summary_matches_cases(tmp_path):
         assert summary["drop_shortest_to_longest"] == pytest.approx(1 - tps[1] / tps[0])
     gla_over_softmax = cases["gla/T64"]["tokens_per_s"] / cases["softmax/T64"]["tokens_per_s"]
     assert result["summary"]["gla"]["over_softmax"]["64"] == pytest.approx(gla_over_softmax)
+
+
+def test_a_run_cut_short_keeps_the_cases_it_measured(tmp_path, monkeypatch):
+    """The JSON is rewritten after every case, so a timeout loses only the case in flight."""
+    import benchmarks.bench_train as bench
+
+    measured = []
+
+    def run_case(case, args):
+        if measured:
+            raise KeyboardInterrupt  # what a timeout's signal does to the second case
+        measured.append(case.name)
+        return {**bench.base_row(case, args, "error"), "error": "stand-in row"}
+
+    monkeypatch.setattr(bench, "run_case", run_case)
+    out = tmp_path / "train.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--out", str(out), "--suite", "gpu-lengths", "--model-overrides", json.dumps(TINY_MODEL),
+                    "--layers", "1", "--lengths", "32,64", "--tokens-per-step", "128", "--mixers", "gla"])
+    result = json.loads(out.read_text())
+    assert result["complete"] is False
+    assert [case["name"] for case in result["cases"]] == measured == ["gla/T32"]
+    assert result["cases"][0]["error"] == "stand-in row"

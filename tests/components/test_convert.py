@@ -86,6 +86,8 @@ def _worker(rank: int, port: int, root: str) -> None:
     from linear_moe.model.megatron.config import transformer_config
     from linear_moe.model.megatron.gpt import build_gpt_model
     from linear_moe.model.megatron.parallel import ParallelSizes, initialize_parallel
+    from linear_moe.components.train.config import TrainConfig
+    from linear_moe.components.train.optim import TorchAdamW
     from linear_moe.components.train.step import TrainingModel
     from linear_moe.model.megatron.step import wrap_ddp
 
@@ -101,10 +103,10 @@ def _worker(rank: int, port: int, root: str) -> None:
     tokens_BT = load_file(str(root / "tokens.safetensors"))["tokens"]
     loaded_logits = _gathered_logits(model, tokens_BT)
     ddp = wrap_ddp(model, config)
-    optimizer = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
+    optimizer = TorchAdamW([ddp], TrainConfig(lr=1e-2, min_lr=0.0))
     ddp.train()
     trainer = TrainingModel(model_config, config, [ddp], seq_length=T, micro_batch_size=B)
-    trainer.train_step([{"tokens": tokens_BT, "labels": tokens_BT.roll(-1, 1)}], optimizer, grad_clip=1.0)
+    trainer.train_step([{"tokens": tokens_BT, "labels": tokens_BT.roll(-1, 1)}], optimizer)
     save_checkpoint(root / "run" / "checkpoints", 1, [ddp], optimizer, {"model_config": model_config.to_dict()})
     trained_logits = _gathered_logits(model, tokens_BT)
     if rank == 0:

@@ -9,9 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from linear_moe.components.train import TrainConfig
 from linear_moe.components.train.checkpoint import COMMIT_DELAY_ENV, latest_complete
+from linear_moe.components.train.distributed import free_port
 from linear_moe.components.train.loop import preflight
 from linear_moe.components.train.metrics import read_metrics
 from linear_moe.components.train.schedule import lr_at
@@ -178,3 +180,31 @@ def test_eval_without_iterations_is_a_config_error(data_dir, tmp_path):
     with pytest.raises(ValueError, match="eval_iters"):
         config(data_dir, tmp_path, eval_iters=0, eval_interval=10)
     config(data_dir, tmp_path, eval_iters=0, eval_interval=0)  # disabled evaluation is fine
+
+
+def test_unknown_optimizer_is_a_config_error(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="TrainConfig.optimizer: 'sgd' not in"):
+        config(data_dir, tmp_path, optimizer="sgd")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal of the CUDA-only optimizer")
+def test_megatron_optimizer_without_cuda_is_refused_before_start(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="optimizer='megatron' needs CUDA"):
+        preflight(config(data_dir, tmp_path, optimizer="megatron"), 1)
+    assert preflight(config(data_dir, tmp_path), 1)[2] is None  # the default, torch AdamW, runs anywhere
+    assert not config(data_dir, tmp_path).uses_distributed_optimizer()
+
+
+def test_optimizer_state_of_another_optimizer_is_named(tmp_path):
+    """A torch-AdamW resume from a directory without its per-rank files says which optimizer wrote it."""
+    import torch.distributed as dist
+
+    from linear_moe.components.train.optim import TorchAdamW
+
+    model = torch.nn.Linear(3, 2)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="rank_00000.safetensors is missing.*optimizer='megatron'"):
+            TorchAdamW([model], TrainConfig()).load(tmp_path, [model])
+    finally:
+        dist.destroy_process_group()

@@ -31,7 +31,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _world_of_one(monkeypatch):
-    """train() in this process sets the torchrun variables; restore them after each test."""
+    """Each test trains as a world of one: no torchrun variables from the surrounding environment."""
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "KUBERNETES_SERVICE_HOST"):
         monkeypatch.delenv(name, raising=False)
 

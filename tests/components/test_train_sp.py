@@ -1,13 +1,16 @@
-"""Training with LASP-2 sequence parallelism (megatron's context-parallel group) against SP=1, on gloo.
+"""Training with LASP-2 sequence parallelism (megatron's context-parallel group) against SP=1, on gloo,
+alone and composed with tensor, expert and pipeline parallelism.
 
 Both runs go through the trainer's own path (``TrainingModel.train_step``: megatron schedule, DDP,
-gradient clipping, AdamW from ``loop._build_optimizer``) for 3 steps on a hybrid GLA + softmax
-attention model with MoE. The reference is the SP=1 run in the same spawned world with every rank
-training on the whole batch (data parallelism over identical batches equals one process). The SP
-run starts from the reference's initial weights (sharded with ``shard_state_dict`` where TP splits
-them); its step-1 gradients and step-3 weights are gathered back to full tensors. Compared: the
-logged losses (global means), gradient norms and MoE statistics, every step-1 gradient and every
-step-3 weight.
+gradient clipping, the optimizer from ``optim.build_optimizer``) for 3 steps, on a hybrid GLA + softmax
+attention model with MoE (SP, SP x TP, SP x EP) or a gated-DeltaNet model with one MoE layer
+(SP x PP). The reference is the single-process layout (TP = PP = EP = SP = 1) run in the same
+spawned world with every rank training on the whole batch (data parallelism over identical batches
+equals one process). The parallel run starts from the reference's initial weights (sharded with
+``shard_state_dict`` where TP/EP/PP split them); its step-1 gradients and step-3 weights are
+gathered back to full tensors. Compared, fp32, as relative RMS error: the logged losses (global
+means), gradient norms and router losses within 1e-5; the logged per-expert load exactly; every
+step-1 gradient and every step-3 weight within 1e-4 (the layouts only reorder floating-point sums).
 """
 from __future__ import annotations
 
@@ -28,6 +31,9 @@ from linear_moe.kernels.testing import assert_rel_close
 SEQ_LEN, BATCH, STEPS = 32, 2, 3
 LOSS_RATIO, GRAD_RATIO = 1e-5, 1e-4
 HYBRID_MOE = dict(layer_pattern="LA", num_layers=2, lsm_mixer="gla", moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3)
+# two pipeline stages of one layer each: a dense gated-DeltaNet layer, then one with MoE
+GATED_DELTANET_MOE = dict(layer_pattern="lL", num_layers=2, lsm_mixer="gated_deltanet", moe_aux_loss_coeff=1e-2,
+                          moe_z_loss_coeff=1e-3)
 
 
 def _batch(vocab_size: int) -> dict:
@@ -40,7 +46,7 @@ def _batch(vocab_size: int) -> dict:
 def _train(train_config, sizes: dict, batch: dict, full_state=None) -> dict:
     from megatron.core import parallel_state as ps
 
-    from linear_moe.components.train.loop import _build_optimizer
+    from linear_moe.components.train.optim import build_optimizer
     from linear_moe.components.train.step import TrainingModel
     from linear_moe.model.megatron import ParallelSizes, destroy_parallel, initialize_parallel
     from linear_moe.model.megatron.state_dict import RankCoords, gather_full_state_dict, shard_layout, shard_state_dict
@@ -57,10 +63,10 @@ def _train(train_config, sizes: dict, batch: dict, full_state=None) -> dict:
             assert not unexpected and all(key.endswith("_extra_state") for key in missing), (missing, unexpected)
         state = lambda: {k: v for k, v in module.state_dict().items() if k in layout}  # noqa: E731
         initial = gather_full_state_dict(state(), layout, coords)
-        optimizer = _build_optimizer(model, train_config)
+        optimizer = build_optimizer(model.chunks, train_config)
         losses, norms, router_losses, load, grads = [], [], [], [], None
         for step in range(STEPS):
-            loss, moe = model.train_step([batch], optimizer, grad_clip=train_config.grad_clip)
+            loss, moe = model.train_step([batch], optimizer)
             losses.append(loss)
             norms.append(model.last_grad_norm)
             router_losses.append([moe["load_balancing_loss"], moe["z_loss"]])
@@ -71,7 +77,10 @@ def _train(train_config, sizes: dict, batch: dict, full_state=None) -> dict:
         return dict(losses=torch.tensor(losses), norms=torch.tensor(norms), router_losses=torch.tensor(router_losses),
                     expert_load=torch.tensor(load), grads=grads, initial=initial,
                     params=gather_full_state_dict(state(), layout, coords),
-                    sp_size=ps.get_context_parallel_world_size())
+                    sizes=dict(tensor=ps.get_tensor_model_parallel_world_size(),
+                               pipeline=ps.get_pipeline_model_parallel_world_size(),
+                               expert=ps.get_expert_model_parallel_world_size(),
+                               context=ps.get_context_parallel_world_size()))
     finally:
         destroy_parallel()
 
@@ -109,10 +118,11 @@ def _run(world: int, model: dict, sizes: dict) -> dict:
         return torch.load(out, weights_only=True)
 
 
-def _check_matches_reference(runs: dict, sp_size: int) -> None:
+def _check_matches_reference(runs: dict, sizes: dict) -> None:
+    """``sizes``: the ParallelSizes kwargs the parallel run was asked for (checked against megatron's groups)."""
     reference, sp = runs["reference"], runs["sp"]
     assert not isinstance(sp, str), f"the SP run failed in the worker:\n{sp}"
-    assert sp["sp_size"] == sp_size
+    assert sp["sizes"] == {**dict(tensor=1, pipeline=1, expert=1, context=1), **sizes}, sp["sizes"]
     assert set(sp["grads"]) == set(reference["grads"]), "gradients missing or renamed"
     assert_rel_close("losses", reference["losses"], sp["losses"], LOSS_RATIO)
     assert_rel_close("grad norms", reference["norms"], sp["norms"], LOSS_RATIO)
@@ -133,11 +143,13 @@ def test_seq_length_not_divisible_by_sp_is_rejected():
 
 @pytest.mark.distributed
 @pytest.mark.xdist_group("dist")
-def test_sp2_matches_sp1_losses_and_grads_hybrid_moe():
-    _check_matches_reference(_run(2, HYBRID_MOE, dict(context=2)), 2)
-
-
-@pytest.mark.distributed
-@pytest.mark.xdist_group("dist")
-def test_sp2_tp2_matches_single_process_losses_and_grads():
-    _check_matches_reference(_run(4, HYBRID_MOE, dict(context=2, tensor=2)), 2)
+@pytest.mark.parametrize("world, model, sizes", [
+    (2, HYBRID_MOE, dict(context=2)),
+    (4, HYBRID_MOE, dict(context=2, tensor=2)),
+    # SP=2 leaves DP=2; EP=2 splits the 4 experts, expert-DP=2
+    (4, HYBRID_MOE, dict(context=2, expert=2)),
+    # one layer per stage, each stage's sequence split over 2 SP ranks
+    (4, GATED_DELTANET_MOE, dict(context=2, pipeline=2)),
+], ids=["sp2-hybrid_moe", "sp2_tp2-hybrid_moe", "sp2_ep2-hybrid_moe", "sp2_pp2-gated_deltanet_moe"])
+def test_sequence_parallel_matches_single_process_losses_and_grads(world, model, sizes):
+    _check_matches_reference(_run(world, model, sizes), sizes)

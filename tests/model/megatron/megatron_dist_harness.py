@@ -24,6 +24,11 @@ SEQ_LEN = 32
 GLOBAL_BATCH = 2
 STEPS = 3
 GRAD_CLIP = 0.5  # small enough that clipping acts: the clipped update depends on the global norm
+#: transformer_config overrides for megatron's grouped-GEMM experts (GroupedMLP) in fp32 on CPU: GroupedMLP
+#: asserts config.bf16, and on our code paths bf16=True changes nothing else (the parameters stay fp32:
+#: we never wrap in Float16Module, our mixers replace megatron's attention, the optimizer is torch's);
+#: test_grouped_gemm.py checks that bf16=True alone leaves the per-expert model's logits bit-identical.
+GROUPED_GEMM_CONFIG = dict(moe_grouped_gemm=True, bf16=True)
 
 
 def free_port() -> int:
@@ -59,6 +64,8 @@ def _train(model_config, sizes, batch, full_state=None, attention_mixer="attenti
     from linear_moe.model.megatron.gpt import build_gpt_model
     from linear_moe.model.megatron.parallel import initialize_parallel
     from linear_moe.model.megatron.state_dict import RankCoords, gather_full_state_dict, shard_layout, shard_state_dict
+    from linear_moe.components.train.config import TrainConfig
+    from linear_moe.components.train.optim import TorchAdamW
     from linear_moe.components.train.step import TrainingModel
     from linear_moe.model.megatron.step import wrap_ddp
 
@@ -75,7 +82,7 @@ def _train(model_config, sizes, batch, full_state=None, attention_mixer="attenti
         state = lambda: {k: v for k, v in model.state_dict().items() if k in layout}  # noqa: E731
         initial = gather_full_state_dict(state(), layout, coords)
         ddp = wrap_ddp(model, config)
-        optimizer = torch.optim.AdamW(ddp.parameters(), lr=3e-3, weight_decay=0.1)
+        optimizer = TorchAdamW([ddp], TrainConfig(lr=3e-3, weight_decay=0.1, grad_clip=GRAD_CLIP))
         dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         if not split_data:
             dp_size, dp_rank = 1, 0
@@ -86,7 +93,7 @@ def _train(model_config, sizes, batch, full_state=None, attention_mixer="attenti
         losses, grads = [], None
         for step in range(STEPS):
             # the production step, with gradient clipping active: the global norm must agree across layouts
-            losses.append(trainer.train_step([local_batch], optimizer, grad_clip=GRAD_CLIP)[0])
+            losses.append(trainer.train_step([local_batch], optimizer)[0])
             if step == 0:
                 local_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
                 grads = gather_full_state_dict(local_grads, layout, coords)

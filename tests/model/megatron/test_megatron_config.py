@@ -57,6 +57,17 @@ def test_expert_tensor_must_equal_tensor_without_expert_parallel():
     assert ParallelSizes(tensor=2).expert_tensor == 2
 
 
+def test_grouped_gemm_needs_the_bf16_flag():
+    with pytest.raises(ValueError, match="moe_grouped_gemm=True needs bf16=True"):
+        transformer_config(preset("tiny"), moe_grouped_gemm=True)
+    cfg = transformer_config(preset("tiny"), moe_grouped_gemm=True, bf16=True)  # fp32 weights, as CPU tests use
+    assert (cfg.moe_grouped_gemm, cfg.bf16, cfg.params_dtype) == (True, True, torch.float32)
+
+
+def test_grouped_gemm_is_opt_in():
+    assert transformer_config(preset("tiny")).moe_grouped_gemm is False
+
+
 def _naive_routing(router, logits_TE, k, bias_E):
     """Independent reference of the three router semantics documented in ModelConfig.moe_router."""
     T, E = logits_TE.shape

@@ -1,4 +1,5 @@
-"""Layout-independent init: the gathered initial model of TP=2, PP=2 and EP=2 equals the single-process build.
+"""Layout-independent init: the gathered initial model of TP=2, PP=2 and EP=2 equals the single-process build,
+with per-expert (SequentialMLP) and grouped-GEMM (GroupedMLP) experts alike.
 
 One spawned 2-rank gloo world builds every (model, layout) pair once; the tests read its results.
 """
@@ -13,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megatron_dist_harness import free_port
+from megatron_dist_harness import GROUPED_GEMM_CONFIG, free_port
 
 pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("dist")]
 
@@ -23,11 +24,14 @@ MODELS = {
     "gated_deltanet-LL": ("tiny", dict(lsm_mixer="gated_deltanet", layer_pattern="LL", num_shared_experts=1,
                                        shared_expert_gate=True, moe_router="sigmoid_bias", moe_aux_loss_coeff=0.0)),
 }
-LAYOUTS = {"tp2": dict(tensor=2), "pp2": dict(pipeline=2), "ep2": dict(expert=2)}
+#: name -> (ParallelSizes kwargs, transformer_config kwargs); the reference is the per-expert single-process build
+LAYOUTS = {"tp2": (dict(tensor=2), {}), "pp2": (dict(pipeline=2), {}), "ep2": (dict(expert=2), {}),
+           "grouped": ({}, GROUPED_GEMM_CONFIG), "tp2_grouped": (dict(tensor=2), GROUPED_GEMM_CONFIG),
+           "ep2_grouped": (dict(expert=2), GROUPED_GEMM_CONFIG)}
 SEED = 1234
 
 
-def _initial_state(model_config, sizes, seed=SEED, extra_module=False):
+def _initial_state(model_config, sizes, seed=SEED, extra_module=False, config_kwargs=None):
     """Build under ``sizes``; return the gathered full initial state dict (or the error for ``extra_module``)."""
     from megatron.core import parallel_state as ps
 
@@ -39,7 +43,7 @@ def _initial_state(model_config, sizes, seed=SEED, extra_module=False):
 
     initialize_parallel(sizes, seed=0)
     try:
-        config = transformer_config(model_config, sizes)
+        config = transformer_config(model_config, sizes, **(config_kwargs or {}))
         torch.manual_seed(0)
         model = build_gpt_model(model_config, config, seed=seed)
         if extra_module:
@@ -72,9 +76,10 @@ def _worker(rank, port, out_dir):
         for model_name, (preset_name, overrides) in MODELS.items():
             model_config = preset(preset_name, **overrides)
             runs = {"reference": _initial_state(model_config, ParallelSizes())}
-            for layout_name, sizes in LAYOUTS.items():
+            for layout_name, (sizes, config_kwargs) in LAYOUTS.items():
                 try:
-                    runs[layout_name] = _initial_state(model_config, ParallelSizes(**sizes))
+                    runs[layout_name] = _initial_state(model_config, ParallelSizes(**sizes),
+                                                       config_kwargs=config_kwargs)
                 except Exception:  # reported by the test that owns this layout
                     runs[layout_name] = traceback.format_exc()
             results[model_name] = runs
@@ -111,9 +116,10 @@ def test_layout_initial_state_matches_single_process(results, model_name, layout
     assert not different, f"{layout} initial tensors differ from the single-process build: {different}"
 
 
+@pytest.mark.parametrize("layout", ["ep2", "ep2_grouped"])
 @pytest.mark.parametrize("model_name", list(MODELS))
-def test_ep2_global_experts_are_pairwise_different(results, model_name):
-    run = results[model_name]["ep2"]
+def test_ep2_global_experts_are_pairwise_different(results, model_name, layout):
+    run = results[model_name][layout]
     assert not isinstance(run, str), run
     mc = _config(model_name)
     for layer in range(mc.num_layers):

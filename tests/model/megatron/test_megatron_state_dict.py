@@ -1,8 +1,18 @@
-"""Full <-> sharded state dicts: sharding then merging is the identity, and shards are the right slices."""
+"""Full <-> sharded state dicts: sharding then merging is the identity, and shards are the right slices.
+
+Grouped-GEMM ranks (GroupedMLP's packed ``experts.weight1``/``weight2``) share the per-expert full dict."""
 import pytest
 import torch
 
-from linear_moe.model.megatron.state_dict import RankCoords, ShardSpec, global_key, merge_shards, shard_state_dict
+from linear_moe.model.megatron.state_dict import (
+    RankCoords,
+    ShardSpec,
+    global_key,
+    merge_shards,
+    pack_experts,
+    shard_state_dict,
+    unpack_experts,
+)
 
 D, F, V, E = 4, 6, 8, 4  # hidden, MLP width, vocab, experts
 
@@ -62,15 +72,61 @@ def rank_layouts(tp, pp, ep, etp):
     return ranks
 
 
+def grouped_layout(layout, experts):
+    """A rank's layout with GroupedMLP experts: each layer's ``local_experts.*`` keys become the packed
+    ``experts.weight1``/``weight2`` (specs of one expert's fc1/fc2, ``packed_experts=experts``)."""
+    grouped = {}
+    for key, spec in layout.items():
+        if ".local_experts." not in key:
+            grouped[key] = spec
+        else:
+            prefix, fc = key.split("local_experts.")[0], key.split(".linear_fc")[1][0]
+            grouped[f"{prefix}weight{fc}"] = ShardSpec(dim=spec.dim, expert=True, glu=spec.glu, packed_experts=experts)
+    return grouped
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["sequential", "grouped"])
 @pytest.mark.parametrize("tp, pp, ep, etp", [(2, 1, 1, 2), (1, 2, 1, 1), (1, 1, 2, 1), (2, 2, 2, 1), (2, 1, 2, 2)],
                          ids=lambda v: str(v))
-def test_shard_then_merge_is_identity(tp, pp, ep, etp):
+def test_shard_then_merge_is_identity(tp, pp, ep, etp, grouped):
     full = full_state()
-    shards = [(coords, shard_state_dict(full, layout, coords), layout) for coords, layout in rank_layouts(tp, pp, ep, etp)]
+    ranks = [(coords, grouped_layout(layout, E // ep) if grouped else layout)
+             for coords, layout in rank_layouts(tp, pp, ep, etp)]
+    shards = [(coords, shard_state_dict(full, layout, coords), layout) for coords, layout in ranks]
     merged = merge_shards(shards)
     assert set(merged) == set(full)
     for name in full:
         assert torch.equal(merged[name], full[name]), name
+
+
+def test_packed_weights_are_what_grouped_mlp_forward_views():
+    """GroupedMLP.forward multiplies by ``weight1.view(E, D, -1)[e]`` (then chunks [gate | up] on the last
+    dim) and ``weight2.view(E, -1, D)[e]``: the transposes of expert e's TP slices of fc1 and fc2."""
+    full = full_state()
+    coords = RankCoords(expert_tensor_rank=1, expert_tensor_size=2, layer_offset=2, expert_offset=2)
+    specs = {"decoder.layers.1.mlp.experts.weight1": ShardSpec(dim=0, expert=True, glu=True, packed_experts=2),
+             "decoder.layers.1.mlp.experts.weight2": ShardSpec(dim=1, expert=True, packed_experts=2)}
+    local = shard_state_dict(full, specs, coords)
+    assert local["decoder.layers.1.mlp.experts.weight1"].shape == (D, 2 * 2 * F // 2)
+    assert local["decoder.layers.1.mlp.experts.weight2"].shape == (2 * F // 2, D)
+    w1 = local["decoder.layers.1.mlp.experts.weight1"].view(2, D, -1)
+    w2 = local["decoder.layers.1.mlp.experts.weight2"].view(2, -1, D)
+    for i in range(2):
+        fc1 = full[f"decoder.layers.3.mlp.experts.local_experts.{2 + i}.linear_fc1.weight"]
+        fc2 = full[f"decoder.layers.3.mlp.experts.local_experts.{2 + i}.linear_fc2.weight"]
+        gate, up = w1[i].chunk(2, dim=-1)
+        assert torch.equal(gate, fc1[F // 2:F].t()) and torch.equal(up, fc1[F + F // 2:].t())
+        assert torch.equal(w2[i], fc2[:, F // 2:].t())
+
+
+def test_pack_then_unpack_is_identity():
+    experts = [torch.randn(2 * F, D) for _ in range(3)]
+    packed = pack_experts("decoder.layers.0.mlp.experts.weight1", experts)
+    assert packed.shape == (D, 3 * 2 * F)
+    unpacked = unpack_experts("decoder.layers.0.mlp.experts.weight1", packed, 3)
+    assert all(torch.equal(a, b) for a, b in zip(experts, unpacked))
+    with pytest.raises(ValueError, match="not a GroupedMLP"):
+        pack_experts("decoder.layers.0.mlp.linear_fc1.weight", experts)
 
 
 def test_shards_are_the_expected_slices():

@@ -4,12 +4,13 @@ The reference is the TP = PP = EP = 1 model trained on the whole batch; each lay
 initial weights (sharded with ``shard_state_dict``) and its gradients and weights are gathered back
 (``gather_full_state_dict``). Tolerances, fp32, relative RMS error: losses 1e-5; step-1 gradients
 and final parameters 1e-4 (layouts only reorder floating-point sums). One spawned 2-rank world runs
-the reference and all layouts of one model.
+the reference and all layouts of one model. Grouped-GEMM layouts (megatron's GroupedMLP, our gmm op)
+are held to the same per-expert reference: their packed expert weights gather to per-expert names.
 """
 import pytest
 
 from linear_moe.kernels.testing import assert_rel_close
-from megatron_dist_harness import run_layouts
+from megatron_dist_harness import GROUPED_GEMM_CONFIG, run_layouts
 
 pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("dist")]
 
@@ -37,8 +38,11 @@ def deltanet_runs():
 @pytest.fixture(scope="module")
 def hybrid_moe_runs():
     # EP=2 leaves DP=2; both DP ranks see the whole batch so the aux loss matches the reference.
-    return run_layouts(HYBRID_MOE_MODEL, dict(tp2=dict(sizes=dict(tensor=2)),
-                                              ep2=dict(sizes=dict(expert=2), replicate_data=True)))
+    return run_layouts(HYBRID_MOE_MODEL, dict(
+        tp2=dict(sizes=dict(tensor=2)), ep2=dict(sizes=dict(expert=2), replicate_data=True),
+        tp2_grouped=dict(sizes=dict(tensor=2), config=GROUPED_GEMM_CONFIG),
+        ep2_grouped=dict(sizes=dict(expert=2), replicate_data=True, config=GROUPED_GEMM_CONFIG),
+    ))
 
 
 def check_matches_reference(runs, layout_name):
@@ -81,3 +85,11 @@ def test_tp2_matches_tp1_loss_and_grads_hybrid_moe(hybrid_moe_runs):
 
 def test_ep2_matches_ep1_loss_and_grads(hybrid_moe_runs):
     check_matches_reference(hybrid_moe_runs, "ep2")
+
+
+def test_tp2_grouped_gemm_matches_tp1_per_expert_loss_and_grads(hybrid_moe_runs):
+    check_matches_reference(hybrid_moe_runs, "tp2_grouped")
+
+
+def test_ep2_grouped_gemm_matches_ep1_per_expert_loss_and_grads(hybrid_moe_runs):
+    check_matches_reference(hybrid_moe_runs, "ep2_grouped")

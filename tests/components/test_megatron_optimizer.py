@@ -1,0 +1,188 @@
+"""``TrainConfig.optimizer='megatron'`` (``optim.MegatronAdam``) on CPU with gloo, proven by equivalence.
+
+megatron-core's optimizer is CUDA-only code; ``cpu_compat.megatron_optimizer_on_cpu`` lets it run on
+CPU fp32 tensors without touching its arithmetic (the trainer itself uses torch AdamW on CPU).
+References, fp32, relative error:
+
+* world of one: megatron's FP32Optimizer and DistributedOptimizer against torch AdamW through the
+  same ``TrainingModel.train_step`` (same decay groups, same clipping), 4 steps: losses and grad norms
+  within 1e-6, final weights within 1e-5;
+* DP=2 with the distributed optimizer (Adam state sharded over the two ranks, each rank on half the
+  batch) against the single-process run (torch AdamW, whole batch on every rank): losses and grad
+  norms within 1e-5, final weights within 1e-4 (only the order of sums differs; no load-balancing
+  loss, which depends on how the batch is split);
+* kill-free resume: save with ``dist_checkpointing`` after 2 steps, load into a fresh model and
+  optimizer, 2 more steps equal the uninterrupted run's within 1e-6.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from linear_moe.components.train.distributed import free_port
+from linear_moe.kernels.testing import assert_rel_close
+
+pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("dist")]
+
+SEQ_LEN, BATCH, STEPS = 32, 4, 4
+MODEL = dict(layer_pattern="LA", num_layers=2, lsm_mixer="gla", moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3)
+#: with each DP rank on half the batch the load-balancing loss (a product of per-rank token fractions)
+#: differs from the whole batch's; the per-token z-loss does not, so DP runs keep only that one
+DP_MODEL = {**MODEL, "moe_aux_loss_coeff": 0.0}
+
+
+def _config(model=MODEL, **fields):
+    from linear_moe.components.train.config import TrainConfig
+
+    return TrainConfig(preset="tiny", model_overrides=model, lr=3e-3, min_lr=3e-3, grad_clip=0.5,
+                       seq_length=SEQ_LEN, micro_batch_size=BATCH, global_batch_size=BATCH, **fields)
+
+
+def _batches(vocab_size: int) -> list[dict[str, torch.Tensor]]:
+    ids = torch.randint(0, vocab_size, (STEPS, BATCH, SEQ_LEN + 1), generator=torch.Generator().manual_seed(5))
+    return [{"tokens": ids[i, :, :-1].contiguous(), "labels": ids[i, :, 1:].contiguous()} for i in range(STEPS)]
+
+
+def _build(config, micro_batch_size: int):
+    from linear_moe.components.train.optim import build_optimizer
+    from linear_moe.components.train.step import TrainingModel
+
+    model = TrainingModel.build(config.model_config(), seq_length=SEQ_LEN, micro_batch_size=micro_batch_size,
+                                seed=0, distributed_optimizer=config.uses_distributed_optimizer())
+    return model, build_optimizer(model.chunks, config)
+
+
+def _train(model, optimizer, batches) -> dict:
+    losses, norms = [], []
+    for batch in batches:
+        optimizer.set_lr(3e-3)
+        losses.append(model.train_step([batch], optimizer)[0])
+        norms.append(model.last_grad_norm)
+    module = model.chunks[0].module
+    return dict(losses=torch.tensor(losses, dtype=torch.float64), norms=torch.tensor(norms, dtype=torch.float64),
+                params={name: p.detach().clone() for name, p in module.named_parameters()})
+
+
+def _adam_state_numel(optimizer) -> int:
+    """Elements of Adam's first moment held by this rank (all of them, or this rank's shard)."""
+    inner = optimizer.optimizer
+    parts = getattr(inner, "chained_optimizers", [inner])
+    return sum(state["exp_avg"].numel() for part in parts for state in part.optimizer.state.values())
+
+
+def _rank_batch(batch: dict, rank: int, world: int) -> dict:
+    rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    return {key: value[rows] for key, value in batch.items()}
+
+
+def _cases(rank: int, world: int, out_dir: str) -> dict:
+    from linear_moe.components.train import checkpoint as ckpt
+
+    model_overrides = MODEL if world == 1 else DP_MODEL
+    batches = _batches(_config().model_config().vocab_size)
+    results = {"reference": _train(*_build(_config(model_overrides, optimizer="torch"), BATCH), batches)}
+    if world == 1:
+        for name, distributed in (("fp32_optimizer", False), ("distributed_optimizer", True)):
+            model, optimizer = _build(_config(optimizer="megatron", distributed_optimizer=distributed), BATCH)
+            results[name] = _train(model, optimizer, batches)
+            results[name]["adam_numel"] = _adam_state_numel(optimizer)
+        results["param_numel"] = sum(p.numel() for p in results["reference"]["params"].values())
+        return results
+    local = [_rank_batch(batch, rank, world) for batch in batches]
+    config = _config(model_overrides, optimizer="megatron", distributed_optimizer=True)
+    model, optimizer = _build(config, BATCH // world)
+    results["dp_distributed"] = _train(model, optimizer, local)
+    numel = torch.tensor([_adam_state_numel(optimizer)])
+    dist.all_reduce(numel)
+    results["dp_distributed"]["adam_numel_rank"] = _adam_state_numel(optimizer)
+    results["dp_distributed"]["adam_numel_total"] = int(numel)
+    # resume: 2 steps, save, 2 steps; then a fresh model + optimizer loads the save and redoes the last 2
+    model, optimizer = _build(config, BATCH // world)
+    _train(model, optimizer, local[:2])
+    saved = ckpt.save_checkpoint(os.path.join(out_dir, "checkpoints"), 2, model.chunks, optimizer, {})
+    results["uninterrupted"] = _train(model, optimizer, local[2:])
+    model, optimizer = _build(config, BATCH // world)
+    ckpt.load_checkpoint(saved, model.chunks, optimizer)
+    results["resumed"] = _train(model, optimizer, local[2:])
+    return results
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from linear_moe.model.megatron import ParallelSizes, destroy_parallel, initialize_parallel
+    from linear_moe.model.megatron.cpu_compat import megatron_optimizer_on_cpu
+
+    initialize_parallel(ParallelSizes(), seed=0)
+    try:
+        with megatron_optimizer_on_cpu():
+            results = _cases(rank, world, out_dir)
+        if rank == 0:
+            torch.save(results, os.path.join(out_dir, "result.pt"))
+    finally:
+        destroy_parallel()
+        dist.destroy_process_group()
+
+
+def _spawn(world: int) -> dict:
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_worker, args=(world, free_port(), out_dir), nprocs=world, join=True)
+        return torch.load(os.path.join(out_dir, "result.pt"), weights_only=True)
+
+
+def _check_matches(run: dict, reference: dict, loss_ratio: float, param_ratio: float) -> None:
+    assert_rel_close("losses", reference["losses"], run["losses"], loss_ratio)
+    assert_rel_close("grad norms", reference["norms"], run["norms"], loss_ratio)
+    assert set(run["params"]) == set(reference["params"])
+    for name, value in reference["params"].items():
+        assert_rel_close(name, value, run["params"][name], param_ratio)
+
+
+def test_megatron_optimizers_match_torch_adamw_in_a_world_of_one():
+    results = _spawn(1)
+    reference = results["reference"]
+    assert reference["losses"][-1] < reference["losses"][0]
+    assert reference["norms"].max() > 0.5, "the clip (0.5) must act for the comparison to cover it"
+    for name in ("fp32_optimizer", "distributed_optimizer"):
+        _check_matches(results[name], reference, 1e-6, 1e-5)
+        assert results[name]["adam_numel"] >= results["param_numel"]  # one rank holds every moment
+
+
+def test_distributed_optimizer_dp2_matches_single_process_and_shards_its_state():
+    results = _spawn(2)
+    run = results["dp_distributed"]
+    _check_matches(run, results["reference"], 1e-5, 1e-4)
+    # the Adam state is split between the ranks (up to the buffers' padding), not replicated
+    assert run["adam_numel_rank"] < 0.6 * run["adam_numel_total"], run
+    assert_rel_close("resumed losses", results["uninterrupted"]["losses"], results["resumed"]["losses"], 1e-6)
+    for name, value in results["uninterrupted"]["params"].items():
+        assert_rel_close(name, value, results["resumed"]["params"][name], 1e-6)
+
+
+def test_megatron_optimizer_needs_the_shim_on_cpu():
+    """Without ``megatron_optimizer_on_cpu`` megatron's optimizer refuses CPU tensors (why the shim exists)."""
+    with pytest.raises(mp.ProcessRaisedException, match=r"torch\.cuda\.FloatTensor|not compiled with CUDA"):
+        mp.spawn(_worker_without_shim, args=(free_port(),), nprocs=1, join=True)
+
+
+def _worker_without_shim(rank: int, port: int) -> None:
+    warnings.simplefilter("ignore")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    from linear_moe.model.megatron import ParallelSizes, destroy_parallel, initialize_parallel
+
+    initialize_parallel(ParallelSizes(), seed=0)
+    try:
+        model, optimizer = _build(_config(optimizer="megatron", distributed_optimizer=True), BATCH)
+        _train(model, optimizer, _batches(_config().model_config().vocab_size)[:1])
+    finally:
+        destroy_parallel()
+        dist.destroy_process_group()
