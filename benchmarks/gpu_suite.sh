@@ -20,6 +20,8 @@ set +e
 OUT=${OUT:-$PWD/benchmarks/results/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# keep autotuning results with the compiled kernels (Triton >= 3.4 reads it), so a step reuses the last one's
+export TRITON_CACHE_AUTOTUNING=1
 LOG="$OUT/suite.log"
 log() { echo "$*" | tee -a "$LOG"; }
 
