@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -26,12 +25,6 @@ def init_process_group() -> tuple[int, int]:
     else:
         dist.init_process_group(backend=backend)
     return dist.get_rank(), dist.get_world_size()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -9,15 +9,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 from safetensors.torch import load_file, save_file
 
+from dist_support import save_result, spawn_world
 from linear_moe.components.convert import convert, hf_to_megatron
 from linear_moe.components.convert.cli import build_parser
 from linear_moe.kernels.testing import assert_rel_close
@@ -60,12 +59,6 @@ def _tokenizer_dir(path: Path, vocab_size: int) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _gathered_logits(model, tokens_BT: torch.Tensor) -> torch.Tensor:
     """Full-vocabulary logits ``(B, T, V)`` of the megatron model (the output layer is vocab-parallel)."""
     from megatron.core import tensor_parallel
@@ -77,7 +70,7 @@ def _gathered_logits(model, tokens_BT: torch.Tensor) -> torch.Tensor:
         return tensor_parallel.gather_from_tensor_model_parallel_region(logits).clone()
 
 
-def _worker(rank: int, port: int, root: str) -> None:
+def _worker(rank: int, init_method: str, out_dir: str, root: str) -> None:
     """TP=2/EP=2: load the HF-derived checkpoint, take one training step, save, record logits."""
     import torch.distributed as dist
 
@@ -93,7 +86,7 @@ def _worker(rank: int, port: int, root: str) -> None:
 
     torch.set_num_threads(1)
     root = Path(root)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=TP)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=TP)
     sizes = ParallelSizes(tensor=TP, expert=EP, expert_tensor=1)
     initialize_parallel(sizes)
     model_config = ModelConfig.from_dict(json.loads((root / "from_hf" / "train_state.json").read_text())["model_config"])
@@ -110,7 +103,7 @@ def _worker(rank: int, port: int, root: str) -> None:
     save_checkpoint(root / "run" / "checkpoints", 1, [ddp], optimizer, {"model_config": model_config.to_dict()})
     trained_logits = _gathered_logits(model, tokens_BT)
     if rank == 0:
-        save_file({"loaded": loaded_logits, "trained": trained_logits}, str(root / "logits.safetensors"))
+        save_result(out_dir, {"loaded": loaded_logits, "trained": trained_logits})
     dist.barrier()
     dist.destroy_process_group()
 
@@ -135,13 +128,12 @@ def tp2_ep2_run(hf_checkpoint):
     tokens_BT = torch.randint(0, hf_checkpoint["model_config"].vocab_size, (B, T))
     save_file({"tokens": tokens_BT}, str(root / "tokens.safetensors"))
     try:
-        mp.spawn(_worker, args=(_free_port(), str(root)), nprocs=TP, join=True)
+        logits = spawn_world(_worker, args=(str(root),), nprocs=TP)
     except ProcessException as error:  # a rank raised or exited
         return dict(hf_checkpoint, error=error)
     with torch.no_grad():
         hf_logits = hf_checkpoint["hf_model"](tokens_BT).logits
-    return dict(hf_checkpoint, error=None, tokens=tokens_BT, hf_logits=hf_logits,
-                logits=load_file(str(root / "logits.safetensors")))
+    return dict(hf_checkpoint, error=None, tokens=tokens_BT, hf_logits=hf_logits, logits=logits)
 
 
 def _completed(run: dict) -> dict:

@@ -17,7 +17,6 @@ References, fp32, relative error:
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 
 import pytest
@@ -25,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from linear_moe.components.train.distributed import free_port
+from dist_support import save_result, spawn_world
 from linear_moe.kernels.testing import assert_rel_close
 
 pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("dist")]
@@ -113,11 +112,10 @@ def _cases(rank: int, world: int, out_dir: str) -> dict:
     return results
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, init_method: str, out_dir: str, world: int) -> None:
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     from linear_moe.model.megatron import ParallelSizes, destroy_parallel, initialize_parallel
     from linear_moe.model.megatron.cpu_compat import megatron_optimizer_on_cpu
 
@@ -126,16 +124,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         with megatron_optimizer_on_cpu():
             results = _cases(rank, world, out_dir)
         if rank == 0:
-            torch.save(results, os.path.join(out_dir, "result.pt"))
+            save_result(out_dir, results)
     finally:
         destroy_parallel()
         dist.destroy_process_group()
-
-
-def _spawn(world: int) -> dict:
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(world, free_port(), out_dir), nprocs=world, join=True)
-        return torch.load(os.path.join(out_dir, "result.pt"), weights_only=True)
 
 
 def _check_matches(run: dict, reference: dict, loss_ratio: float, param_ratio: float) -> None:
@@ -147,7 +139,7 @@ def _check_matches(run: dict, reference: dict, loss_ratio: float, param_ratio: f
 
 
 def test_megatron_optimizers_match_torch_adamw_in_a_world_of_one():
-    results = _spawn(1)
+    results = spawn_world(_worker, args=(1,), nprocs=1)
     reference = results["reference"]
     assert reference["losses"][-1] < reference["losses"][0]
     assert reference["norms"].max() > 0.5, "the clip (0.5) must act for the comparison to cover it"
@@ -157,7 +149,7 @@ def test_megatron_optimizers_match_torch_adamw_in_a_world_of_one():
 
 
 def test_distributed_optimizer_dp2_matches_single_process_and_shards_its_state():
-    results = _spawn(2)
+    results = spawn_world(_worker, args=(2,), nprocs=2)
     run = results["dp_distributed"]
     _check_matches(run, results["reference"], 1e-5, 1e-4)
     # the Adam state is split between the ranks (up to the buffers' padding), not replicated
@@ -170,13 +162,12 @@ def test_distributed_optimizer_dp2_matches_single_process_and_shards_its_state()
 def test_megatron_optimizer_needs_the_shim_on_cpu():
     """Without ``megatron_optimizer_on_cpu`` megatron's optimizer refuses CPU tensors (why the shim exists)."""
     with pytest.raises(mp.ProcessRaisedException, match=r"torch\.cuda\.FloatTensor|not compiled with CUDA"):
-        mp.spawn(_worker_without_shim, args=(free_port(),), nprocs=1, join=True)
+        spawn_world(_worker_without_shim, nprocs=1)
 
 
-def _worker_without_shim(rank: int, port: int) -> None:
+def _worker_without_shim(rank: int, init_method: str, out_dir: str) -> None:
     warnings.simplefilter("ignore")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=init_method, rank=0, world_size=1)
     from linear_moe.model.megatron import ParallelSizes, destroy_parallel, initialize_parallel
 
     initialize_parallel(ParallelSizes(), seed=0)

@@ -15,17 +15,14 @@ step-1 gradient and every step-3 weight within 1e-4 (the layouts only reorder fl
 from __future__ import annotations
 
 import datetime
-import os
-import socket
-import tempfile
 import traceback
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from dist_support import save_result, spawn_world
 from linear_moe.kernels.testing import assert_rel_close
 
 SEQ_LEN, BATCH, STEPS = 32, 2, 3
@@ -85,11 +82,11 @@ def _train(train_config, sizes: dict, batch: dict, full_state=None) -> dict:
         destroy_parallel()
 
 
-def _worker(rank: int, world: int, port: int, out_path: str, model: dict, sizes: dict) -> None:
+def _worker(rank: int, init_method: str, out_dir: str, world: int, model: dict, sizes: dict) -> None:
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         import linear_moe.model.mixers  # noqa: F401  (fills the mixer registry)
         from linear_moe.components.train import TrainConfig
@@ -103,19 +100,9 @@ def _worker(rank: int, world: int, port: int, out_path: str, model: dict, sizes:
         except Exception:  # reported by the test
             results["sp"] = traceback.format_exc()
         if rank == 0:
-            torch.save(results, out_path)
+            save_result(out_dir, results)
     finally:
         dist.destroy_process_group()
-
-
-def _run(world: int, model: dict, sizes: dict) -> dict:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.pt")
-        mp.spawn(_worker, args=(world, port, out, model, sizes), nprocs=world, join=True)
-        return torch.load(out, weights_only=True)
 
 
 def _check_matches_reference(runs: dict, sizes: dict) -> None:
@@ -152,4 +139,4 @@ def test_seq_length_not_divisible_by_sp_is_rejected():
     (4, GATED_DELTANET_MOE, dict(context=2, pipeline=2)),
 ], ids=["sp2-hybrid_moe", "sp2_tp2-hybrid_moe", "sp2_ep2-hybrid_moe", "sp2_pp2-gated_deltanet_moe"])
 def test_sequence_parallel_matches_single_process_losses_and_grads(world, model, sizes):
-    _check_matches_reference(_run(world, model, sizes), sizes)
+    _check_matches_reference(spawn_world(_worker, args=(world, model, sizes), nprocs=world), sizes)

@@ -10,15 +10,13 @@ identical gradients). Its initial full state dict is sharded into each layout's 
 from __future__ import annotations
 
 import datetime
-import os
-import socket
-import tempfile
 import traceback
 import warnings
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from dist_support import save_result, spawn_world
 
 SEQ_LEN = 32
 GLOBAL_BATCH = 2
@@ -31,22 +29,14 @@ GRAD_CLIP = 0.5  # small enough that clipping acts: the clipped update depends o
 GROUPED_GEMM_CONFIG = dict(moe_grouped_gemm=True, bf16=True)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_layouts(model: dict, layouts: dict[str, dict], world_size: int = 2, attention_mixer: str = "attention") -> dict:
     """Spawn ``world_size`` gloo ranks; return ``{"reference": run, <layout name>: run or error string}``.
 
     ``model``: overrides of the "tiny" preset. ``layouts``: name -> ``dict(sizes=ParallelSizes kwargs,
     replicate_data=bool, config=transformer_config kwargs)``. A run is ``dict(losses, grads, params, initial)`` with full-model names.
     """
-    with tempfile.TemporaryDirectory() as out_dir:
-        case = dict(model=model, layouts=layouts, attention_mixer=attention_mixer)
-        mp.spawn(_worker, args=(world_size, free_port(), out_dir, case), nprocs=world_size, join=True)
-        return torch.load(os.path.join(out_dir, "result.pt"), weights_only=True)
+    case = dict(model=model, layouts=layouts, attention_mixer=attention_mixer)
+    return spawn_world(_worker, args=(world_size, case), nprocs=world_size)
 
 
 def _batch(vocab_size: int) -> dict:
@@ -106,11 +96,11 @@ def _train(model_config, sizes, batch, full_state=None, attention_mixer="attenti
         ps.destroy_model_parallel()
 
 
-def _worker(rank: int, world_size: int, port: int, out_dir: str, case: dict) -> None:
+def _worker(rank: int, init_method: str, out_dir: str, world_size: int, case: dict) -> None:
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=90))
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=90))
     try:
         import linear_moe.model.mixers  # noqa: F401  (fills the mixer registry)
         from linear_moe.model import preset
@@ -130,6 +120,6 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, case: dict) -> 
             except Exception:  # reported by the test that owns this layout
                 results[name] = traceback.format_exc()
         if rank == 0:
-            torch.save(results, os.path.join(out_dir, "result.pt"))
+            save_result(out_dir, results)
     finally:
         dist.destroy_process_group()

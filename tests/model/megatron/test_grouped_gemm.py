@@ -15,14 +15,13 @@ only lifts the assert; ``test_bf16_flag_alone_changes_nothing_on_cpu`` checks th
 model's logits are bit-identical with and without it. The layer's own weights and GEMMs are fp32.
 """
 import os
-import tempfile
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from dist_support import save_result, spawn_world
 from linear_moe.kernels.testing import assert_rel_close
 from linear_moe.model.megatron.grouped_gemm import (
     GMM_PACKAGE,
@@ -32,7 +31,7 @@ from linear_moe.model.megatron.grouped_gemm import (
     torch_grouped_mm_gmm,
     torch_grouped_mm_supported,
 )
-from megatron_dist_harness import GROUPED_GEMM_CONFIG, free_port
+from megatron_dist_harness import GROUPED_GEMM_CONFIG
 
 GMM_RATIO = 1e-6
 MODEL_RATIO = 1e-5
@@ -185,11 +184,10 @@ def _checkpoint_into_sequential_model(grouped_model, model_config, directory):
     return before, megatron_io.tensor_state_dict(model)
 
 
-def _worker(rank, port, out_dir):
+def _worker(rank, init_method, out_dir):
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=init_method, rank=0, world_size=1)
     try:
         import linear_moe.model.mixers  # noqa: F401  (fills the mixer registry)
         from linear_moe.components.convert.adapter import mcore_to_hf
@@ -209,16 +207,14 @@ def _worker(rank, port, out_dir):
             del run["model"]
         results = dict(runs=runs, tokens=tokens[:, :-1], before_load=before_load, checkpoint_state=checkpoint_state,
                        hf_state=mcore_to_hf(checkpoint_state))
-        torch.save(results, os.path.join(out_dir, "result.pt"))
+        save_result(out_dir, results)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def builds():
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(free_port(), out_dir), nprocs=1, join=True)
-        return torch.load(os.path.join(out_dir, "result.pt"), weights_only=True)
+    return spawn_world(_worker, nprocs=1)
 
 
 @pytest.mark.distributed

@@ -4,15 +4,12 @@ This pins what the parallel tests cannot see (they compare the assembly with its
 <-> (B, T, D) adaptation, the residual/norm order, SwiGLU's [gate; up] order, and that mixer weights
 keep their single-device names under ``decoder.layers.<i>.self_attention.mixer.``.
 """
-import os
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from dist_support import save_result, spawn_world
 from linear_moe.kernels.testing import assert_rel_close
-from megatron_dist_harness import free_port
 
 pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("dist")]
 
@@ -39,12 +36,11 @@ def _reference_loss(mc, state, tokens_BT, labels_BT):
     return F.cross_entropy(logits.flatten(0, 1), labels_BT.flatten(), reduction="none").view_as(labels_BT)
 
 
-def _worker(rank, port, out_path):
+def _worker(rank, init_method, out_dir):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=init_method, rank=0, world_size=1)
     import linear_moe.model.mixers  # noqa: F401
     from linear_moe.model import preset
     from linear_moe.model.megatron.config import transformer_config
@@ -60,13 +56,11 @@ def _worker(rank, port, out_path):
     state = {k: v.detach() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     with torch.no_grad():
         reference_BT = _reference_loss(mc, state, tokens_BT, labels_BT)
-    torch.save(dict(loss=loss_BT.detach(), reference=reference_BT), out_path)
+    save_result(out_dir, dict(loss=loss_BT.detach(), reference=reference_BT))
     dist.destroy_process_group()
 
 
-def test_tp1_model_matches_hand_written_forward(tmp_path):
-    out_path = str(tmp_path / "result.pt")
-    mp.spawn(_worker, args=(free_port(), out_path), nprocs=1, join=True)
-    result = torch.load(out_path, weights_only=True)
+def test_tp1_model_matches_hand_written_forward():
+    result = spawn_world(_worker, nprocs=1)
     assert result["loss"].shape == result["reference"].shape == (2, 20)
     assert_rel_close("per-token loss", result["reference"], result["loss"], 1e-5)

@@ -4,17 +4,15 @@ with per-expert (SequentialMLP) and grouped-GEMM (GroupedMLP) experts alike.
 One spawned 2-rank gloo world builds every (model, layout) pair once; the tests read its results.
 """
 import math
-import os
-import tempfile
 import traceback
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from megatron_dist_harness import GROUPED_GEMM_CONFIG, free_port
+from dist_support import save_result, spawn_world
+from megatron_dist_harness import GROUPED_GEMM_CONFIG
 
 pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("dist")]
 
@@ -62,11 +60,10 @@ def _initial_state(model_config, sizes, seed=SEED, extra_module=False, config_kw
         ps.destroy_model_parallel()
 
 
-def _worker(rank, port, out_dir):
+def _worker(rank, init_method, out_dir):
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
     try:
         import linear_moe.model.mixers  # noqa: F401  (fills the mixer registry)
         from linear_moe.model import preset
@@ -87,16 +84,14 @@ def _worker(rank, port, out_dir):
         results["other_seed"] = _initial_state(model_config, ParallelSizes(), seed=SEED + 1)
         results["unknown_module_error"] = _initial_state(model_config, ParallelSizes(), extra_module=True)
         if rank == 0:
-            torch.save(results, os.path.join(out_dir, "result.pt"))
+            save_result(out_dir, results)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def results():
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(free_port(), out_dir), nprocs=2, join=True)
-        return torch.load(os.path.join(out_dir, "result.pt"), weights_only=True)
+    return spawn_world(_worker, nprocs=2)
 
 
 def _config(model_name):

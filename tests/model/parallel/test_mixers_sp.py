@@ -7,22 +7,17 @@ case has documents that start inside a chunk, cross rank boundaries (with a docu
 than ``conv_size - 1`` tokens before a boundary, so the halo is partly masked) and one that starts
 exactly at a boundary.
 
-One spawn per SP size runs every case; rank 0 writes the worst relative error over ranks to JSON.
+One spawn per SP size runs every case; rank 0 saves the worst relative error over ranks.
 """
 from __future__ import annotations
 
-import json
-import os
-import socket
-import tempfile
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from dist_support import save_result, spawn_world
 from linear_moe.kernels.testing import rel_error
 from linear_moe.model.config import preset
 from linear_moe.model.mixers import MIXERS
@@ -105,10 +100,10 @@ def _decoding_state_rejected(names: list[str], ctx: SequenceParallelContext) -> 
     return rejected
 
 
-def _worker(rank, world, port, names, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank, init_method, out_dir, world, names):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
     try:
         ctx = SequenceParallelContext(dist.group.WORLD, lasp_backend="torch")
         results = {}
@@ -120,32 +115,19 @@ def _worker(rank, world, port, names, out_path):
                     results[f"{name}/{case}"] = {"error": f"{type(exc).__name__}: {exc}"}
         results["decoding_state_rejected"] = _decoding_state_rejected(names, ctx)
         if rank == 0:
-            Path(out_path).write_text(json.dumps(results))
+            save_result(out_dir, results)
     finally:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(world: int, names: list[str]) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "results.json"
-        mp.spawn(_worker, args=(world, _free_port(), names, str(out)), nprocs=world, join=True)
-        return json.loads(out.read_text())
-
-
 @pytest.fixture(scope="module")
 def sp2_results():
-    return _spawn(2, SP2_MIXERS)
+    return spawn_world(_worker, args=(2, SP2_MIXERS), nprocs=2)
 
 
 @pytest.fixture(scope="module")
 def sp4_results():
-    return _spawn(4, SP4_MIXERS)
+    return spawn_world(_worker, args=(4, SP4_MIXERS), nprocs=4)
 
 
 def _check(results: dict, world: int, name: str, case: str) -> None:

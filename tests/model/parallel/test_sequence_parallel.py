@@ -1,7 +1,7 @@
 """Sequence parallelism (LASP-2 / LASP-2H) on gloo: SP=2 and SP=4 against SP=1 and the naive recurrence.
 
-One spawn per SP size runs every case (spawning costs seconds on a 2-core box); rank 0 writes the
-relative errors to JSON and each parametrised test checks its own case. References:
+One spawn per SP size runs every case (spawning costs seconds on a 2-core box); rank 0 saves the
+relative errors and each parametrised test checks its own case. References:
 
 * SP=1: the full-sequence core (``gla`` / ``delta_rule`` with ``backend="chunk"``, masked softmax);
 * naive: this file's token-by-token recurrences and dense attention, run on the whole sequence.
@@ -11,19 +11,14 @@ gradients of replicated inputs (initial_state) are summed over ranks.
 """
 from __future__ import annotations
 
-import json
-import os
-import socket
-import tempfile
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from dist_support import save_result, spawn_world
 from linear_moe.kernels.testing import rel_error
 from linear_moe.model.parallel import SequenceParallelContext, count_collectives, lasp2_attention
 
@@ -215,31 +210,21 @@ def _comm_volume(ctx):
     return out
 
 
-def _worker(rank, world, port, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank, init_method, out_dir, world):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         ctx = SequenceParallelContext(dist.group.WORLD, lasp_backend="torch")
         results = {"cases": {name: _run_case(name, ctx) for name in CASES}, "comm": _comm_volume(ctx)}
         if rank == 0:
-            Path(out_path).write_text(json.dumps(results))
+            save_result(out_dir, results)
     finally:
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"SP{w}")
 def sp_results(request):
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "results.json"
-        mp.spawn(_worker, args=(request.param, _free_port(), str(out)), nprocs=request.param, join=True)
-        yield request.param, json.loads(out.read_text())
+    return request.param, spawn_world(_worker, args=(request.param,), nprocs=request.param)
 
 
 @pytest.mark.distributed
