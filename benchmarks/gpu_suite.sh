@@ -69,7 +69,7 @@ step() {
   log "== $name: exit $rc after $((SECONDS - start)) s"
 }
 
-step gpu_tests 120 python3 -m pytest -q -x --tb=short -p no:cacheprovider -o addopts=-ra tests/gpu
+step gpu_tests 120 python3 -m pytest -q -x --tb=short --timeout=100 -p no:cacheprovider -o addopts=-ra tests/gpu
 step kernels 100 python3 -m benchmarks.bench_kernels --device cuda --ops gla,delta_rule \
   --seq-lens 1024,2048,4096,8192 --repeats 3 --max-seconds 15 --out "$OUT/kernels_gpu.json"
 if [ -f benchmarks/bench_sp.py ]; then

@@ -104,6 +104,9 @@ def preflight(config: TrainConfig, world_size: int):
     """
     config.data_parallel(world_size)
     check_optimizer_available(config.optimizer)
+    if config.moe_grouped_gemm and not torch.cuda.is_available():
+        raise ValueError("TrainConfig.moe_grouped_gemm=True needs bf16 parameters, which this trainer uses on GPUs only "
+                         "(megatron's GroupedMLP asserts bf16); drop --moe-grouped-gemm on CPU")
     model_config = config.model_config()
     tokenizer = read_tokenizer_info(config.data_dir)
     if tokenizer.vocab_size > model_config.vocab_size:

@@ -186,12 +186,14 @@ def test_unknown_optimizer_is_a_config_error(data_dir, tmp_path):
         config(data_dir, tmp_path, optimizer="sgd")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal of the CUDA-only optimizer")
-def test_megatron_optimizer_without_cuda_is_refused_before_start(data_dir, tmp_path):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal of the GPU-only options")
+def test_gpu_only_options_without_cuda_are_refused_before_start(data_dir, tmp_path):
     with pytest.raises(ValueError, match="optimizer='megatron' needs CUDA"):
         preflight(config(data_dir, tmp_path, optimizer="megatron"), 1)
     assert preflight(config(data_dir, tmp_path), 1)[2] is None  # the default, torch AdamW, runs anywhere
     assert not config(data_dir, tmp_path).uses_distributed_optimizer()
+    with pytest.raises(ValueError, match="moe_grouped_gemm=True needs bf16"):
+        preflight(config(data_dir, tmp_path, moe_grouped_gemm=True), 1)
 
 
 def test_optimizer_state_of_another_optimizer_is_named(tmp_path):
