@@ -197,17 +197,6 @@ def summarise_lengths(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------- device setup
 # ----------------------------------------------------------------------------------- one case
-def synthetic_batches(case: Case, vocab_size: int, generator: torch.Generator, device: torch.device):
-    """``num_microbatches`` dicts of ``tokens``/``labels`` ``(micro_batch_size, seq_length)`` int64:
-    random ids, labels the next id (as the trainer's datasets give them)."""
-    batches = []
-    for _ in range(case.num_microbatches):
-        ids_BT1 = torch.randint(0, vocab_size, (case.micro_batch_size, case.seq_length + 1), generator=generator)
-        ids_BT1 = ids_BT1.to(device)
-        batches.append({"tokens": ids_BT1[:, :-1].contiguous(), "labels": ids_BT1[:, 1:].contiguous()})
-    return batches
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -226,18 +215,19 @@ def _is_oom(err: BaseException) -> bool:
 def _timed_steps(case: Case, args: argparse.Namespace, row: dict[str, Any]) -> None:
     """Build, warm up, time; fills ``row``. Everything it allocates dies with its frame."""
     from linear_moe.components.train.config import TrainConfig
+    from linear_moe.components.train.data import random_batches
     from linear_moe.components.train.optim import build_optimizer
     from linear_moe.components.train.step import TrainingModel
-    from linear_moe.model.config import preset
 
     device = args.torch_device
-    model_config = preset(case.preset, **case.model_overrides)
+    train_config = TrainConfig(preset=case.preset, model_overrides=case.model_overrides, seq_length=case.seq_length,
+                               micro_batch_size=case.micro_batch_size, global_batch_size=case.micro_batch_size * case.num_microbatches,
+                               seed=args.seed, lr=1e-4, min_lr=1e-5, weight_decay=0.1, grad_clip=1.0)
+    model_config = train_config.model_config()
     row.update(model_config=model_config.to_dict(), layer_pattern=model_config.layer_pattern,
                mixer=model_config.lsm_mixer if case.group != "softmax" else "attention")
     torch.manual_seed(args.seed)
-    train_config = TrainConfig(lr=1e-4, min_lr=1e-5, weight_decay=0.1, grad_clip=1.0)
-    model = TrainingModel.build(model_config, seq_length=case.seq_length, micro_batch_size=case.micro_batch_size,
-                                seed=args.seed, distributed_optimizer=train_config.uses_distributed_optimizer())
+    model = TrainingModel.from_config(train_config)
     row["params"] = sum(p.numel() for p in model.parameters())
     row["moe_grouped_gemm"] = bool(getattr(model.config, "moe_grouped_gemm", False))
     row["params_dtype"] = str(model.config.params_dtype).removeprefix("torch.")
@@ -248,7 +238,8 @@ def _timed_steps(case: Case, args: argparse.Namespace, row: dict[str, Any]) -> N
         torch.cuda.reset_peak_memory_stats(device)
     losses, times, cpu_times = [], [], []
     for i in range(args.warmup + args.steps):
-        batches = synthetic_batches(case, model_config.vocab_size, generator, device)
+        batches = random_batches(case.num_microbatches, batch_size=case.micro_batch_size, seq_length=case.seq_length,
+                                 vocab_size=model_config.vocab_size, generator=generator, device=device)
         _sync(device)
         start, cpu_start = time.perf_counter(), time.process_time()
         loss, _moe_stats = model.train_step(batches, optimizer)

@@ -37,3 +37,34 @@ def spawn_world(worker: Callable[..., None], args: tuple = (), *, nprocs: int) -
 def save_result(out_dir: str, result: Any) -> None:
     """Save ``result`` (tensors, numbers, strings, containers of them) for :func:`spawn_world` to return."""
     torch.save(result, os.path.join(out_dir, RESULT))
+
+
+class FullView:
+    """One rank's shard of a megatron model, read and written as the single-process model's full tensors.
+
+    ``full_state`` (full-model names and shapes, e.g. another layout's gathered initial state) is loaded
+    into this rank's shards first, when given. :meth:`state` and :meth:`grads` gather back over the
+    model's TP / EP / PP groups (collective: every rank calls them).
+    """
+
+    def __init__(self, module: torch.nn.Module, model_config, full_state: dict | None = None):
+        from linear_moe.model.megatron.state_dict import RankCoords, shard_layout, shard_state_dict
+
+        self.module = module
+        self.layout = shard_layout(module)
+        self.coords = RankCoords.current(model_config.num_layers, model_config.num_experts)
+        if full_state is not None:
+            local = shard_state_dict(full_state, self.layout, self.coords)
+            missing, unexpected = module.load_state_dict(local, strict=False)
+            assert not unexpected and all(key.endswith("_extra_state") for key in missing), (missing, unexpected)
+
+    def state(self) -> dict:
+        return self._gather({k: v for k, v in self.module.state_dict().items() if k in self.layout})
+
+    def grads(self) -> dict:
+        return self._gather({n: p.grad.clone() for n, p in self.module.named_parameters() if p.grad is not None})
+
+    def _gather(self, local: dict) -> dict:
+        from linear_moe.model.megatron.state_dict import gather_full_state_dict
+
+        return gather_full_state_dict(local, self.layout, self.coords)

@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from linear_moe.components.train.optim import OPTIMIZERS
 from linear_moe.model import ModelConfig, preset
 
 
 RECOMPUTE_MODES = ("none", "full", "selective")
-OPTIMIZER_CHOICES = tuple(OPTIMIZERS)
 
 
 @dataclass
@@ -76,7 +77,7 @@ class TrainConfig:
                "holds one contiguous chunk of every sample")
         _check(self.eval_iters > 0 or self.eval_interval == 0, "eval_iters",
                f"must be positive when eval_interval={self.eval_interval} > 0 (set eval_interval: 0 to disable)")
-        _check(self.optimizer in OPTIMIZER_CHOICES, "optimizer", f"{self.optimizer!r} not in {OPTIMIZER_CHOICES}")
+        _check(self.optimizer in OPTIMIZERS, "optimizer", f"{self.optimizer!r} not in {tuple(OPTIMIZERS)}")
         _check(self.recompute in RECOMPUTE_MODES, "recompute", f"{self.recompute!r} not in {RECOMPUTE_MODES}")
         self.model_config()  # raises ValueError naming the bad model field or preset
 
@@ -94,6 +95,18 @@ class TrainConfig:
                 f"{self.micro_batch_size} x data_parallel={dp}"
             )
         return dp
+
+    def check_runs_here(self) -> None:
+        """The checks that depend on this machine: the GPU-only options need CUDA. (A config is also
+        written on a CPU for a GPU cluster, so ``__post_init__`` cannot make them.)"""
+        if torch.cuda.is_available():
+            return
+        if self.optimizer == "megatron":
+            raise ValueError("TrainConfig.optimizer='megatron' needs CUDA (megatron-core's optimizer is CUDA-only); "
+                             "use optimizer: torch on CPU")
+        if self.moe_grouped_gemm:
+            raise ValueError("TrainConfig.moe_grouped_gemm=True needs bf16 parameters, which this trainer uses on GPUs "
+                             "only (megatron's GroupedMLP asserts bf16); drop --moe-grouped-gemm on CPU")
 
     def uses_distributed_optimizer(self) -> bool:
         """Whether DDP must lay out its buffers for megatron's distributed optimizer."""

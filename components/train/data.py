@@ -89,6 +89,14 @@ def build_datasets(data_dir: str | Path, *, seq_length: int, seed: int, train_sa
     return train, valid
 
 
+def random_batches(count: int, *, batch_size: int, seq_length: int, vocab_size: int,
+                   generator: torch.Generator, device: torch.device | str = "cpu") -> list[dict[str, torch.Tensor]]:
+    """``count`` batches of uniformly random token ids ``(batch_size, seq_length)``, labels the next id
+    (the shape the datasets give): synthetic data for benchmarks and tests."""
+    ids = torch.randint(0, vocab_size, (count, batch_size, seq_length + 1), generator=generator).to(device)
+    return [{"tokens": ids[i, :, :-1].contiguous(), "labels": ids[i, :, 1:].contiguous()} for i in range(count)]
+
+
 def microbatches(dataset, *, step: int, global_batch_size: int, micro_batch_size: int, dp_rank: int,
                  dp_size: int) -> list[dict[str, torch.Tensor]]:
     """The micro-batches of optimizer step ``step`` that data-parallel rank ``dp_rank`` processes."""

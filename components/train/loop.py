@@ -19,8 +19,9 @@ from linear_moe.components.train.config import TrainConfig
 from linear_moe.components.train.data import build_datasets, check_dataset, microbatches, read_tokenizer_info
 from linear_moe.components.train.distributed import init_process_group
 from linear_moe.components.train.metrics import MetricsLogger
-from linear_moe.components.train.optim import build_optimizer, check_optimizer_available
+from linear_moe.components.train.optim import build_optimizer
 from linear_moe.components.train.schedule import lr_at
+from linear_moe.components.train.step import TrainingModel
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -41,7 +42,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                         seed=config.seed)
     try:
         torch.manual_seed(config.seed)
-        model = _build_model(model_config, config)
+        model = TrainingModel.from_config(config)
         optimizer = build_optimizer(model.chunks, config)
         start_step = 0
         if latest is not None:
@@ -103,10 +104,7 @@ def preflight(config: TrainConfig, world_size: int):
     naming the problem before anything is started.
     """
     config.data_parallel(world_size)
-    check_optimizer_available(config.optimizer)
-    if config.moe_grouped_gemm and not torch.cuda.is_available():
-        raise ValueError("TrainConfig.moe_grouped_gemm=True needs bf16 parameters, which this trainer uses on GPUs only "
-                         "(megatron's GroupedMLP asserts bf16); drop --moe-grouped-gemm on CPU")
+    config.check_runs_here()
     model_config = config.model_config()
     tokenizer = read_tokenizer_info(config.data_dir)
     if tokenizer.vocab_size > model_config.vocab_size:
@@ -125,15 +123,6 @@ def preflight(config: TrainConfig, world_size: int):
         saved = json.loads((latest / ckpt.STATE_FILE).read_text()).get("model_config", {})
         _check_same_model(saved, model_config.to_dict(), latest)
     return model_config, tokenizer, latest
-
-
-def _build_model(model_config, config: TrainConfig):
-    from linear_moe.components.train.step import TrainingModel
-
-    return TrainingModel.build(model_config, seq_length=config.seq_length, micro_batch_size=config.micro_batch_size,
-                               recompute=config.recompute, seed=config.seed,
-                               distributed_optimizer=config.uses_distributed_optimizer(),
-                               moe_grouped_gemm=config.moe_grouped_gemm)
 
 
 def _check_same_model(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:

@@ -166,7 +166,6 @@ class MegatronAdam:
             self.optimizer.load_state_dict(state)
         self._restore_adam_steps()
 
-
     # megatron-core 0.16.1 with torch's AdamW (its fallback without Transformer Engine or Apex):
     # DistributedOptimizer.sharded_state_dict(is_loading=True) reads every parameter's Adam ``step``,
     # which torch creates only at the first step, so loading into a fresh optimizer fails; and once
@@ -193,13 +192,6 @@ class MegatronAdam:
 
 #: TrainConfig.optimizer -> optimizer class.
 OPTIMIZERS: dict[str, Callable[..., Any]] = {"torch": TorchAdamW, "megatron": MegatronAdam}
-
-
-def check_optimizer_available(name: str) -> None:
-    """Raise ``ValueError`` if the optimizer ``name`` cannot run on this machine."""
-    if name == "megatron" and not torch.cuda.is_available():
-        raise ValueError("TrainConfig.optimizer='megatron' needs CUDA (megatron-core's optimizer is CUDA-only); "
-                         "use optimizer: torch on CPU")
 
 
 def build_optimizer(model_chunks: list[torch.nn.Module], config):

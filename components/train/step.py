@@ -52,6 +52,14 @@ class TrainingModel:
         chunk = wrap_ddp(model, config, use_distributed_optimizer=distributed_optimizer)
         return cls(model_config, config, [chunk], seq_length=seq_length, micro_batch_size=micro_batch_size)
 
+    @classmethod
+    def from_config(cls, config, params_dtype: torch.dtype | None = None) -> "TrainingModel":
+        """The trainer's model for a ``TrainConfig``: every field that shapes the build comes from it."""
+        return cls.build(config.model_config(), seq_length=config.seq_length, micro_batch_size=config.micro_batch_size,
+                         recompute=config.recompute, seed=config.seed, params_dtype=params_dtype,
+                         distributed_optimizer=config.uses_distributed_optimizer(),
+                         moe_grouped_gemm=config.moe_grouped_gemm)
+
     def parameters(self):
         for chunk in self.chunks:
             yield from chunk.parameters()

@@ -39,21 +39,22 @@ DP_MODEL = {**MODEL, "moe_aux_loss_coeff": 0.0}
 def _config(model=MODEL, **fields):
     from linear_moe.components.train.config import TrainConfig
 
-    return TrainConfig(preset="tiny", model_overrides=model, lr=3e-3, min_lr=3e-3, grad_clip=0.5,
-                       seq_length=SEQ_LEN, micro_batch_size=BATCH, global_batch_size=BATCH, **fields)
+    return TrainConfig(**{**dict(preset="tiny", model_overrides=model, lr=3e-3, min_lr=3e-3, grad_clip=0.5, seed=0,
+                                 seq_length=SEQ_LEN, micro_batch_size=BATCH, global_batch_size=BATCH), **fields})
 
 
 def _batches(vocab_size: int) -> list[dict[str, torch.Tensor]]:
-    ids = torch.randint(0, vocab_size, (STEPS, BATCH, SEQ_LEN + 1), generator=torch.Generator().manual_seed(5))
-    return [{"tokens": ids[i, :, :-1].contiguous(), "labels": ids[i, :, 1:].contiguous()} for i in range(STEPS)]
+    from linear_moe.components.train.data import random_batches
+
+    return random_batches(STEPS, batch_size=BATCH, seq_length=SEQ_LEN, vocab_size=vocab_size,
+                          generator=torch.Generator().manual_seed(5))
 
 
-def _build(config, micro_batch_size: int):
+def _build(config):
     from linear_moe.components.train.optim import build_optimizer
     from linear_moe.components.train.step import TrainingModel
 
-    model = TrainingModel.build(config.model_config(), seq_length=SEQ_LEN, micro_batch_size=micro_batch_size,
-                                seed=0, distributed_optimizer=config.uses_distributed_optimizer())
+    model = TrainingModel.from_config(config)
     return model, build_optimizer(model.chunks, config)
 
 
@@ -85,28 +86,28 @@ def _cases(rank: int, world: int, out_dir: str) -> dict:
 
     model_overrides = MODEL if world == 1 else DP_MODEL
     batches = _batches(_config().model_config().vocab_size)
-    results = {"reference": _train(*_build(_config(model_overrides, optimizer="torch"), BATCH), batches)}
+    results = {"reference": _train(*_build(_config(model_overrides, optimizer="torch")), batches)}
     if world == 1:
         for name, distributed in (("fp32_optimizer", False), ("distributed_optimizer", True)):
-            model, optimizer = _build(_config(optimizer="megatron", distributed_optimizer=distributed), BATCH)
+            model, optimizer = _build(_config(optimizer="megatron", distributed_optimizer=distributed))
             results[name] = _train(model, optimizer, batches)
             results[name]["adam_numel"] = _adam_state_numel(optimizer)
         results["param_numel"] = sum(p.numel() for p in results["reference"]["params"].values())
         return results
     local = [_rank_batch(batch, rank, world) for batch in batches]
-    config = _config(model_overrides, optimizer="megatron", distributed_optimizer=True)
-    model, optimizer = _build(config, BATCH // world)
+    config = _config(model_overrides, optimizer="megatron", distributed_optimizer=True, micro_batch_size=BATCH // world)
+    model, optimizer = _build(config)
     results["dp_distributed"] = _train(model, optimizer, local)
     numel = torch.tensor([_adam_state_numel(optimizer)])
     dist.all_reduce(numel)
     results["dp_distributed"]["adam_numel_rank"] = _adam_state_numel(optimizer)
     results["dp_distributed"]["adam_numel_total"] = int(numel)
     # resume: 2 steps, save, 2 steps; then a fresh model + optimizer loads the save and redoes the last 2
-    model, optimizer = _build(config, BATCH // world)
+    model, optimizer = _build(config)
     _train(model, optimizer, local[:2])
     saved = ckpt.save_checkpoint(os.path.join(out_dir, "checkpoints"), 2, model.chunks, optimizer, {})
     results["uninterrupted"] = _train(model, optimizer, local[2:])
-    model, optimizer = _build(config, BATCH // world)
+    model, optimizer = _build(config)
     ckpt.load_checkpoint(saved, model.chunks, optimizer)
     results["resumed"] = _train(model, optimizer, local[2:])
     return results
@@ -172,7 +173,7 @@ def _worker_without_shim(rank: int, init_method: str, out_dir: str) -> None:
 
     initialize_parallel(ParallelSizes(), seed=0)
     try:
-        model, optimizer = _build(_config(optimizer="megatron", distributed_optimizer=True), BATCH)
+        model, optimizer = _build(_config(optimizer="megatron", distributed_optimizer=True))
         _train(model, optimizer, _batches(_config().model_config().vocab_size)[:1])
     finally:
         destroy_parallel()

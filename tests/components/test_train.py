@@ -75,6 +75,15 @@ def config(data_dir, tmp_path, **fields) -> TrainConfig:
     return TrainConfig(data_dir=str(data_dir), output_dir=str(tmp_path / "run"), preset="tiny", **fields)
 
 
+def committed_checkpoint(data_dir, tmp_path) -> Path:
+    """A step-2 checkpoint of ``config(data_dir, tmp_path)``'s model, as complete as preflight can tell."""
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_0000002"
+    (checkpoint / "model").mkdir(parents=True)
+    saved = config(data_dir, tmp_path).model_config().to_dict()
+    (checkpoint / "train_state.json").write_text(json.dumps({"step": 2, "model_config": saved}))
+    return checkpoint
+
+
 def test_missing_dataset_is_named(tmp_path):
     with pytest.raises(ValueError, match="tokenizer.json is missing"):
         preflight(config(tmp_path / "nowhere", tmp_path), 1)
@@ -111,10 +120,7 @@ def test_world_size_that_parallel_sizes_do_not_divide(data_dir, tmp_path, world,
 
 
 def test_checkpoint_of_another_model_is_rejected(data_dir, tmp_path):
-    checkpoint = tmp_path / "run" / "checkpoints" / "step_0000002"
-    (checkpoint / "model").mkdir(parents=True)
-    saved = config(data_dir, tmp_path).model_config().to_dict()
-    (checkpoint / "train_state.json").write_text(json.dumps({"step": 2, "model_config": saved}))
+    committed_checkpoint(data_dir, tmp_path)
     with pytest.raises(ValueError, match="hidden_size: checkpoint=64 vs run=32"):
         preflight(config(data_dir, tmp_path, resume=True, model_overrides={"hidden_size": 32}), 1)
 
@@ -166,10 +172,7 @@ def test_torchrun_two_processes_match_single_process_losses(data_dir, tmp_path, 
 
 
 def test_fresh_run_into_a_directory_with_checkpoints_is_refused(data_dir, tmp_path):
-    checkpoint = tmp_path / "run" / "checkpoints" / "step_0000002"
-    (checkpoint / "model").mkdir(parents=True)
-    saved = config(data_dir, tmp_path).model_config().to_dict()
-    (checkpoint / "train_state.json").write_text(json.dumps({"step": 2, "model_config": saved}))
+    checkpoint = committed_checkpoint(data_dir, tmp_path)
     with pytest.raises(ValueError, match="already holds checkpoints .*--resume"):
         preflight(config(data_dir, tmp_path), 1)
     assert preflight(config(data_dir, tmp_path, resume=True), 1)[2] == checkpoint
@@ -214,19 +217,18 @@ def test_optimizer_state_of_another_optimizer_is_named(tmp_path):
 def test_bf16_parameters_track_fp32_training():
     """The GPU precision path on CPU: bf16 parameters inside megatron's Float16Module, fp32 gradient
     reduction, torch AdamW. Over 4 steps its losses stay within 2e-2 (relative) of the fp32 run's."""
+    from linear_moe.components.train.data import random_batches
     from linear_moe.components.train.distributed import world_of_one
     from linear_moe.components.train.optim import build_optimizer
     from linear_moe.components.train.step import TrainingModel
 
     cfg = TrainConfig(preset="tiny", model_overrides=dict(layer_pattern="LA", num_layers=2, lsm_mixer="gla"),
-                      lr=3e-3, min_lr=3e-3, seq_length=32, micro_batch_size=2, global_batch_size=2)
-    ids = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0))
-    batch = {"tokens": ids[:, :-1], "labels": ids[:, 1:]}
+                      lr=3e-3, min_lr=3e-3, seq_length=32, micro_batch_size=2, global_batch_size=2, seed=0)
+    (batch,) = random_batches(1, batch_size=2, seq_length=32, vocab_size=256, generator=torch.Generator().manual_seed(0))
     losses = {}
     with world_of_one():
         for dtype in (torch.float32, torch.bfloat16):
-            model = TrainingModel.build(cfg.model_config(), seq_length=32, micro_batch_size=2, seed=0,
-                                        params_dtype=dtype)
+            model = TrainingModel.from_config(cfg, params_dtype=dtype)
             assert model.config.bf16 == (dtype == torch.bfloat16)
             assert {p.dtype for p in model.parameters()} == {dtype}
             optimizer = build_optimizer(model.chunks, cfg)

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_support import save_result, spawn_world
+from dist_support import FullView, save_result, spawn_world
 from linear_moe.kernels.testing import assert_rel_close
 
 SEQ_LEN, BATCH, STEPS = 32, 2, 3
@@ -46,20 +46,12 @@ def _train(train_config, sizes: dict, batch: dict, full_state=None) -> dict:
     from linear_moe.components.train.optim import build_optimizer
     from linear_moe.components.train.step import TrainingModel
     from linear_moe.model.megatron import ParallelSizes, destroy_parallel, initialize_parallel
-    from linear_moe.model.megatron.state_dict import RankCoords, gather_full_state_dict, shard_layout, shard_state_dict
 
-    model_config = train_config.model_config()
     initialize_parallel(ParallelSizes(**sizes), seed=0)
     try:
-        model = TrainingModel.build(model_config, seq_length=SEQ_LEN, micro_batch_size=BATCH, seed=0)
-        module = model.chunks[0].module
-        layout = shard_layout(module)
-        coords = RankCoords.current(model_config.num_layers, model_config.num_experts)
-        if full_state is not None:
-            missing, unexpected = module.load_state_dict(shard_state_dict(full_state, layout, coords), strict=False)
-            assert not unexpected and all(key.endswith("_extra_state") for key in missing), (missing, unexpected)
-        state = lambda: {k: v for k, v in module.state_dict().items() if k in layout}  # noqa: E731
-        initial = gather_full_state_dict(state(), layout, coords)
+        model = TrainingModel.from_config(train_config)
+        view = FullView(model.chunks[0].module, train_config.model_config(), full_state)
+        initial = view.state()
         optimizer = build_optimizer(model.chunks, train_config)
         losses, norms, router_losses, load, grads = [], [], [], [], None
         for step in range(STEPS):
@@ -69,11 +61,10 @@ def _train(train_config, sizes: dict, batch: dict, full_state=None) -> dict:
             router_losses.append([moe["load_balancing_loss"], moe["z_loss"]])
             load.append(moe["expert_load"])
             if step == 0:
-                local = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
-                grads = gather_full_state_dict(local, layout, coords)
+                grads = view.grads()
         return dict(losses=torch.tensor(losses), norms=torch.tensor(norms), router_losses=torch.tensor(router_losses),
                     expert_load=torch.tensor(load), grads=grads, initial=initial,
-                    params=gather_full_state_dict(state(), layout, coords),
+                    params=view.state(),
                     sizes=dict(tensor=ps.get_tensor_model_parallel_world_size(),
                                pipeline=ps.get_pipeline_model_parallel_world_size(),
                                expert=ps.get_expert_model_parallel_world_size(),
@@ -92,7 +83,7 @@ def _worker(rank: int, init_method: str, out_dir: str, world: int, model: dict, 
         from linear_moe.components.train import TrainConfig
 
         train_config = TrainConfig(preset="tiny", model_overrides=model, seq_length=SEQ_LEN, micro_batch_size=BATCH,
-                                   global_batch_size=BATCH, grad_clip=1.0, lr=3e-3)
+                                   global_batch_size=BATCH, grad_clip=1.0, lr=3e-3, seed=0)
         batch = _batch(train_config.model_config().vocab_size)
         results = {"reference": _train(train_config, {}, batch)}
         try:

@@ -35,23 +35,22 @@ def world():
 def _config(**fields):
     from linear_moe.components.train.config import TrainConfig
 
-    return TrainConfig(preset="tiny", model_overrides=MODEL, lr=3e-3, min_lr=3e-3, warmup_steps=0,
+    return TrainConfig(preset="tiny", model_overrides=MODEL, lr=3e-3, min_lr=3e-3, warmup_steps=0, seed=0,
                        seq_length=SEQ_LEN, micro_batch_size=BATCH, global_batch_size=BATCH, **fields)
 
 
 def _batches(vocab_size: int, steps: int) -> list[dict[str, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, vocab_size, (steps, BATCH, SEQ_LEN + 1), generator=gen)
-    return [{"tokens": ids[i, :, :-1].contiguous(), "labels": ids[i, :, 1:].contiguous()} for i in range(steps)]
+    from linear_moe.components.train.data import random_batches
+
+    return random_batches(steps, batch_size=BATCH, seq_length=SEQ_LEN, vocab_size=vocab_size,
+                          generator=torch.Generator().manual_seed(3))
 
 
-def _build(config, params_dtype, recompute="none"):
+def _build(config, params_dtype):
     from linear_moe.components.train.optim import build_optimizer
     from linear_moe.components.train.step import TrainingModel
 
-    model = TrainingModel.build(config.model_config(), seq_length=SEQ_LEN, micro_batch_size=BATCH, seed=0,
-                                recompute=recompute, params_dtype=params_dtype,
-                                distributed_optimizer=config.uses_distributed_optimizer())
+    model = TrainingModel.from_config(config, params_dtype=params_dtype)
     return model, build_optimizer(model.chunks, config)
 
 
@@ -93,9 +92,8 @@ def test_bf16_with_distributed_optimizer_tracks_fp32(world):
 
 def test_full_recompute_matches_no_recompute_in_bf16(world):
     batches = _batches(_config().model_config().vocab_size, 3)
-    config = _config(optimizer="megatron")
-    reference = _run(*_build(config, torch.bfloat16), batches)
-    losses = _run(*_build(config, torch.bfloat16, recompute="full"), batches)
+    reference = _run(*_build(_config(optimizer="megatron"), torch.bfloat16), batches)
+    losses = _run(*_build(_config(optimizer="megatron", recompute="full"), torch.bfloat16), batches)
     assert _rel(losses, reference) <= 1e-3, (losses, reference)
 
 

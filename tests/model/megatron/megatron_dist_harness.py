@@ -16,7 +16,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from dist_support import save_result, spawn_world
+from dist_support import FullView, save_result, spawn_world
 
 SEQ_LEN = 32
 GLOBAL_BATCH = 2
@@ -53,7 +53,6 @@ def _train(model_config, sizes, batch, full_state=None, attention_mixer="attenti
     from linear_moe.model.megatron.config import transformer_config
     from linear_moe.model.megatron.gpt import build_gpt_model
     from linear_moe.model.megatron.parallel import initialize_parallel
-    from linear_moe.model.megatron.state_dict import RankCoords, gather_full_state_dict, shard_layout, shard_state_dict
     from linear_moe.components.train.config import TrainConfig
     from linear_moe.components.train.optim import TorchAdamW
     from linear_moe.components.train.step import TrainingModel
@@ -64,13 +63,8 @@ def _train(model_config, sizes, batch, full_state=None, attention_mixer="attenti
         config = transformer_config(model_config, sizes, **(config_kwargs or {}))
         torch.manual_seed(0)
         model = build_gpt_model(model_config, config, attention_mixer=attention_mixer)
-        layout = shard_layout(model)
-        coords = RankCoords.current(model_config.num_layers, model_config.num_experts)
-        if full_state is not None:
-            missing, unexpected = model.load_state_dict(shard_state_dict(full_state, layout, coords), strict=False)
-            assert not unexpected and all(key.endswith("_extra_state") for key in missing), (missing, unexpected)
-        state = lambda: {k: v for k, v in model.state_dict().items() if k in layout}  # noqa: E731
-        initial = gather_full_state_dict(state(), layout, coords)
+        view = FullView(model, model_config, full_state)
+        initial = view.state()
         ddp = wrap_ddp(model, config)
         optimizer = TorchAdamW([ddp], TrainConfig(lr=3e-3, weight_decay=0.1, grad_clip=GRAD_CLIP))
         dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -85,12 +79,11 @@ def _train(model_config, sizes, batch, full_state=None, attention_mixer="attenti
             # the production step, with gradient clipping active: the global norm must agree across layouts
             losses.append(trainer.train_step([local_batch], optimizer)[0])
             if step == 0:
-                local_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-                grads = gather_full_state_dict(local_grads, layout, coords)
+                grads = view.grads()
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, losses)
         stage_losses = torch.tensor(gathered)  # train_step returns the global mean loss on every rank
-        return dict(losses=stage_losses.mean(0), grads=grads, params=gather_full_state_dict(state(), layout, coords),
+        return dict(losses=stage_losses.mean(0), grads=grads, params=view.state(),
                     initial=initial)
     finally:
         ps.destroy_model_parallel()
