@@ -3,12 +3,16 @@
     python -m benchmarks.bench_kernels --out benchmarks/results/kernels_cpu.json
     python -m benchmarks.bench_kernels --device cuda --ops gla,delta_rule --out kernels_cuda.json
 
-Shapes: B=1, H=4, K=V=64 (``--heads``/``--head-dim``), T in ``--seq-lens``. Each case reports the
-median of ``--repeats`` timed calls after one warm-up, the repeats taken round-robin over the
-lengths; a length whose predicted time (extrapolated from the last measured length by the case's
-cost exponent: 1 for recurrences, 2 for T x T forms) times the calls exceeds ``--max-seconds`` is
-skipped, with the reason recorded. On CUDA the peak allocated memory of each
-call is recorded too. The JSON is written atomically (temp file, then ``os.replace``).
+Shapes: B=1, H=4, K=V=64 (``--batch``/``--heads``/``--head-dim``), T in ``--seq-lens``.
+``--mode forward`` times the forward under ``torch.no_grad``; ``--mode train`` times forward plus
+backward (gradients for every input), as training runs it. Each case reports the median of
+``--repeats`` timed samples after one warm-up, the repeats taken round-robin over the lengths. A
+sample is one call on CPU; on CUDA it is ``triton.testing.do_bench``'s median over many calls (L2
+flushed between calls), so a small kernel's launch latency is not mistaken for its cost. A length
+whose predicted time (extrapolated from the last measured length by the case's cost exponent: 1 for
+recurrences, 2 for T x T forms) times the calls exceeds ``--max-seconds`` is skipped, with the
+reason recorded. On CUDA the peak allocated memory of each case is recorded too. The JSON is
+written atomically (temp file, then ``os.replace``).
 
 Ops are a registry: :func:`register_op` adds an :class:`OpSpec` (input factory + cases), so another
 kernel joins with ``--ops name``.
@@ -17,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import time
@@ -27,10 +30,12 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.common import write_json_atomic
 import torch.nn.functional as F
 
+from benchmarks.common import cuda_seconds, write_json_atomic
+
 Inputs = dict[str, Any]
+ROLES = ("chunk", "naive", "quadratic", "fla", "fla_direct", "sdpa")
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ class Case:
     """One timed call: ``build(inputs)`` returns a zero-argument thunk that runs the op once."""
 
     name: str  # unique within its op, e.g. "chunk_diagonal"
-    role: str  # chunk | naive | quadratic | fla | fla_direct | sdpa (summary ratios key on it)
+    role: str  # one of ROLES (summary ratios key on it)
     variant: str  # decay variant the inputs are made for, e.g. "scalar", "diagonal"
     build: Callable[[Inputs], Callable[[], Any]]
     cost_exponent: int = 1  # time ~ T ** cost_exponent, for the skip prediction
@@ -70,6 +75,34 @@ def _rand(args: argparse.Namespace, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, device=args.device, dtype=args.torch_dtype)
 
 
+def _as_leaves(inputs: Inputs, args: argparse.Namespace) -> Inputs:
+    """In ``--mode train`` every floating input becomes a leaf that requires its gradient."""
+    if args.mode != "train":
+        return inputs
+    return {name: t.detach().requires_grad_() if torch.is_tensor(t) and t.is_floating_point() else t
+            for name, t in inputs.items()}
+
+
+def _timed(op_call: Callable[[], Any], inputs: Inputs, args: argparse.Namespace) -> Callable[[], Any]:
+    """The thunk a sample times: ``op_call()`` alone, or (``--mode train``) its forward and a backward
+    of a fixed random output gradient into every input (gradients reset first, not accumulated)."""
+    if args.mode != "train":
+        return op_call
+    leaves = [t for t in inputs.values() if torch.is_tensor(t) and t.requires_grad]
+    grad_out: list[torch.Tensor] = []
+
+    def forward_backward():
+        for t in leaves:
+            t.grad = None
+        out = op_call()
+        out = out[0] if isinstance(out, tuple) else out  # (output, final state) -> output
+        if not grad_out:
+            grad_out.append(torch.randn_like(out))
+        out.backward(grad_out[0])
+
+    return forward_backward
+
+
 def _sdpa_case(variant: str) -> Case:
     def build(x: Inputs):
         q, k, v = (x[n].transpose(1, 2) for n in ("q", "k", "v"))  # SDPA is head-first
@@ -96,10 +129,11 @@ def _gla_spec() -> OpSpec:
     from linear_moe.kernels.gla import gla
 
     def make_inputs(T: int, variant: str, args: argparse.Namespace) -> Inputs:
-        B, H, D = 1, args.heads, args.head_dim
+        B, H, D = args.batch, args.heads, args.head_dim
         g_shape = {"scalar": (B, T, H), "diagonal": (B, T, H, D)}[variant]
         g = F.logsigmoid(torch.randn(*g_shape, device=args.device) + 3.0).to(args.torch_dtype)
-        return dict(q=_rand(args, B, T, H, D), k=_rand(args, B, T, H, D), v=_rand(args, B, T, H, D), g=g)
+        return _as_leaves(dict(q=_rand(args, B, T, H, D), k=_rand(args, B, T, H, D), v=_rand(args, B, T, H, D),
+                               g=g), args)
 
     def backend_case(backend: str, variant: str, role: str, devices=("cpu", "cuda")) -> Case:
         def build(x: Inputs):
@@ -137,12 +171,12 @@ def _delta_rule_spec() -> OpSpec:
     from linear_moe.kernels.delta_rule import delta_rule
 
     def make_inputs(T: int, variant: str, args: argparse.Namespace) -> Inputs:
-        B, H, D = 1, args.heads, args.head_dim
+        B, H, D = args.batch, args.heads, args.head_dim
         k = F.normalize(torch.randn(B, T, H, D, device=args.device), dim=-1).to(args.torch_dtype)
         beta = torch.rand(B, T, H, device=args.device).to(args.torch_dtype)
         g = F.logsigmoid(torch.randn(B, T, H, device=args.device) + 3.0).to(args.torch_dtype)
-        return dict(q=_rand(args, B, T, H, D), k=k, v=_rand(args, B, T, H, D), beta=beta,
-                    g=g if variant == "gated" else None)
+        return _as_leaves(dict(q=_rand(args, B, T, H, D), k=k, v=_rand(args, B, T, H, D), beta=beta,
+                               g=g if variant == "gated" else None), args)
 
     def backend_case(backend: str, variant: str, role: str, devices=("cpu", "cuda")) -> Case:
         def build(x: Inputs):
@@ -175,24 +209,31 @@ def _delta_rule_spec() -> OpSpec:
 # --- timing ----------------------------------------------------------------------------------------
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+def time_call(thunk: Callable[[], Any], args: argparse.Namespace) -> tuple[float, float | None, int | None]:
+    """One timed sample: seconds per call, process CPU seconds (CPU), peak allocated bytes (CUDA).
 
-
-def time_call(thunk: Callable[[], Any], device: str) -> tuple[float, float, int | None]:
-    """One timed call: wall seconds, process CPU seconds, and (CUDA) peak allocated bytes.
-
-    Process CPU time is robust to other processes sharing the cores; wall time is what users see.
+    On CPU a sample is one call; process CPU time is robust to other processes sharing the cores,
+    wall time is what users see. On CUDA it is ``triton.testing.do_bench``'s median over about
+    ``--cuda-rep-ms`` of back-to-back calls.
     """
-    if device == "cuda":
+    grad_mode = torch.enable_grad() if args.mode == "train" else torch.no_grad()
+    if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        with grad_mode:
+            seconds = cuda_seconds(thunk, args.cuda_rep_ms)
+        return seconds, None, torch.cuda.max_memory_allocated()
     start, cpu_start = time.perf_counter(), time.process_time()
-    with torch.no_grad():
+    with grad_mode:
         thunk()
-    _sync(device)
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    return wall, cpu, (torch.cuda.max_memory_allocated() if device == "cuda" else None)
+    return time.perf_counter() - start, time.process_time() - cpu_start, None
+
+
+def _sample_seconds(per_call_s: float, args: argparse.Namespace) -> float:
+    """Predicted seconds of one sample: one call on CPU; on CUDA do_bench's 5 estimating calls, then
+    at least one warm-up and one timed call, or its ``rep`` budget."""
+    if args.device != "cuda":
+        return per_call_s
+    return 5 * per_call_s + max(2 * per_call_s, 1.25 * args.cuda_rep_ms / 1e3)
 
 
 def run_case(op: str, case: Case, spec: OpSpec, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -205,14 +246,15 @@ def run_case(op: str, case: Case, spec: OpSpec, args: argparse.Namespace) -> lis
         row: dict[str, Any] = {"op": op, "case": case.name, "role": case.role, "variant": case.variant, "T": T}
         rows.append(row)
         predicted = None if last is None else last[1] * (T / last[0]) ** case.cost_exponent
-        if predicted is not None and predicted * (args.repeats + 1) > args.max_seconds:
+        if predicted is not None and _sample_seconds(predicted, args) * (args.repeats + 1) > args.max_seconds:
             row["skipped"] = (f"predicted {predicted:.1f} s per call (T^{case.cost_exponent} from {last[1]:.2f} s "
-                              f"at T={last[0]}) x {args.repeats + 1} calls > --max-seconds {args.max_seconds:g}")
+                              f"at T={last[0]}) x {args.repeats + 1} samples > --max-seconds {args.max_seconds:g}")
             continue
         try:
-            thunk = case.build(spec.make_inputs(T, case.variant, args))
-            time_call(thunk, args.device)  # warm-up: autotuning, allocator, caches
-            samples[T] = [time_call(thunk, args.device)]
+            inputs = spec.make_inputs(T, case.variant, args)
+            thunk = _timed(case.build(inputs), inputs, args)
+            time_call(thunk, args)  # warm-up: compilation, autotuning, allocator, caches
+            samples[T] = [time_call(thunk, args)]
         except (RuntimeError, ImportError, NotImplementedError, ValueError) as err:
             row["skipped"] = f"{type(err).__name__}: {err}"[:300]
             continue
@@ -220,14 +262,15 @@ def run_case(op: str, case: Case, spec: OpSpec, args: argparse.Namespace) -> lis
         last = (T, samples[T][0][0])
     for _ in range(args.repeats - 1):
         for T, thunk in thunks.items():
-            samples[T].append(time_call(thunk, args.device))
+            samples[T].append(time_call(thunk, args))
     for row in rows:
         if row["T"] in samples:
             walls, cpus, peaks = zip(*samples[row["T"]])
-            row |= {"median_s": statistics.median(walls), "times_s": list(walls),
-                    "median_cpu_s": statistics.median(cpus)}
+            row |= {"median_s": statistics.median(walls), "times_s": list(walls)}
             if args.device == "cuda":
                 row["peak_mem_bytes"] = max(peaks)
+            else:
+                row["median_cpu_s"] = statistics.median(cpus)
         print(_format_row(row), flush=True)
     thunks.clear()
     if args.device == "cuda":
@@ -245,7 +288,8 @@ def _format_row(row: dict[str, Any]) -> str:
 
 
 def summarise(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-    """naive/chunk at ``--ratio-T``, chunk(T_max)/chunk(T_max/2), and fla dispatch overhead."""
+    """naive/chunk at ``--ratio-T``, chunk(T_max)/chunk(T_max/2); on CUDA our fla dispatch over fla
+    called directly and over SDPA at each length."""
     def median(op, role, variant, T, key="median_s"):
         for r in rows:
             if (r["op"], r["role"], r["variant"], r["T"]) == (op, role, variant, T) and key in r:
@@ -271,11 +315,12 @@ def summarise(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
                 median(op, "chunk", variant, args.ratio_t, "median_cpu_s"))
             s[f"cpu_time_chunk_T{T_top}_over_T{T_half}"] = ratio(median(op, "chunk", variant, T_top, "median_cpu_s"),
                                                                  median(op, "chunk", variant, T_half, "median_cpu_s"))
-        if args.device == "cuda":
-            s[f"fla_dispatch_over_direct_T{T_top}"] = ratio(median(op, "fla", variant, T_top),
-                                                            median(op, "fla_direct", variant, T_top))
-            s[f"fla_over_sdpa_T{T_top}"] = ratio(median(op, "fla", variant, T_top),
-                                                 median(op, "sdpa", variant, T_top))
+        if args.device == "cuda":  # per length: {T: ratio}
+            s["fla_dispatch_over_direct"] = {T: ratio(median(op, "fla", variant, T), median(op, "fla_direct", variant, T))
+                                             for T in args.seq_lens}
+            s["fla_over_sdpa"] = {T: ratio(median(op, "fla", variant, T), median(op, "sdpa", variant, T))
+                                  for T in args.seq_lens}
+            s["meets_dispatch_overhead_le_5pct"] = _check(s["fla_dispatch_over_direct"][T_top], lambda x: x <= 1.05)
         s["meets_naive_over_chunk_ge_5"] = _check(s[f"naive_over_chunk_T{args.ratio_t}"], lambda x: x >= 5)
         s["meets_chunk_scaling_le_2.2"] = _check(s[f"chunk_T{T_top}_over_T{T_half}"], lambda x: x <= 2.2)
         summary[f"{op}/{variant}"] = s
@@ -291,18 +336,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="JSON file to write")
     p.add_argument("--ops", default="gla", help=f"comma-separated, from {sorted(OPS)}")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--roles", default=",".join(ROLES),
+                   help=f"comma-separated case roles to run, from {list(ROLES)} (e.g. drop naive at large shapes)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="default float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--mode", default="forward", choices=["forward", "train"],
+                   help="forward: forward under no_grad; train: forward + backward into every input")
     p.add_argument("--seq-lens", default="1024,2048,4096,8192")
+    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cuda-rep-ms", type=int, default=100,
+                   help="CUDA: milliseconds of calls per sample (triton.testing.do_bench's rep)")
     p.add_argument("--max-seconds", type=float, default=30.0, help="skip a case predicted to exceed this")
     p.add_argument("--ratio-t", type=int, default=4096, help="T of the naive/chunk ratio")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (cpu)")
     args = p.parse_args(argv)
     args.seq_lens = sorted(int(t) for t in args.seq_lens.split(","))
     args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    args.roles = [r.strip() for r in args.roles.split(",") if r.strip()]
+    if set(args.roles) - set(ROLES):
+        p.error(f"--roles: unknown {sorted(set(args.roles) - set(ROLES))}; roles are {list(ROLES)}")
     unknown = [o for o in args.ops if o not in OPS]
     if unknown:
         p.error(f"--ops: unknown {unknown}; registered ops are {sorted(OPS)}")
@@ -327,10 +382,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "device": args.device,
                 "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor()
                 or platform.machine(),
-                "dtype": args.dtype, "B": 1, "H": args.heads, "K": args.head_dim, "V": args.head_dim,
+                "dtype": args.dtype, "B": args.batch, "H": args.heads, "K": args.head_dim, "V": args.head_dim,
                 "seq_lens": args.seq_lens, "repeats": args.repeats, "statistic": "median",
                 "threads": torch.get_num_threads(), "torch": torch.__version__, "max_seconds": args.max_seconds,
-                "mode": "forward only, torch.no_grad, output_final_state=True",
+                "mode": {"forward": "forward only, torch.no_grad, output_final_state=True",
+                         "train": "forward + backward of a random output gradient into every input, "
+                                  "output_final_state=True"}[args.mode],
+                "sample": ("triton.testing.do_bench median over ~%d ms of calls" % args.cuda_rep_ms
+                           if args.device == "cuda" else "one call"),
             },
             "complete": complete,
             "results": rows,
@@ -348,7 +407,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{op}: not available ({err})", flush=True)
             continue
         for case in spec.cases:
-            if args.device in case.devices:
+            if args.device in case.devices and case.role in args.roles:
                 rows += run_case(op, case, spec, args)
                 write(complete=False)  # a run cut short keeps what it measured
     payload = write(complete=True)

@@ -16,30 +16,28 @@ Bytes are reported two ways: ``gathered`` (size of what an all-gather assembles 
 payload) and ``sent_per_rank`` (what one rank puts on the wire: (W - 1) x payload for a ring
 all-gather or an all-to-all, the sum of its sends for the ring exchange).
 
-CUDA only (``--device cuda``): ``sp1_overhead`` times forward+backward of plain fla ``chunk_gla``,
-the SP=1 path (``lasp2_gla`` without a group) and one rank's LASP-2 compute without communication
-(zero-state run + transition + fused correction); ``correction`` times the Triton state correction
-against its PyTorch reference. The JSON is written atomically (temp file, then ``os.replace``).
+CUDA only (``--device cuda``, bf16 activations): ``sp1_overhead`` times forward+backward of plain
+fla ``chunk_gla``, the SP=1 path (``lasp2_gla`` without a group) and one rank's LASP-2 compute
+without communication (zero-state run + fused correction), with their ratios to plain fla;
+``correction`` times the Triton state correction against its PyTorch reference. Each CUDA figure is
+``triton.testing.do_bench``'s median over ``--cuda-rep-ms`` of calls. The JSON is written atomically
+(temp file, then ``os.replace``) after every section, so a run cut short keeps what it measured.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import socket
-import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
-
-from benchmarks.common import write_json_atomic
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from benchmarks.common import cuda_seconds, write_json_atomic
 
 
 # ---------------------------------------------------------------------------------- analytic sizes
@@ -105,10 +103,9 @@ def _measure(kind: str, group, t_local: int, B: int, H: int, K: int, V: int) -> 
     return measured
 
 
-def _comm_worker(rank: int, W: int, port: int, args: dict, out_path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _comm_worker(rank: int, W: int, rendezvous: str, args: dict, out_path: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=W)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=W)
     try:
         rows = []
         for T in args["seq_lens"]:
@@ -132,28 +129,24 @@ def measure_comm(args: argparse.Namespace) -> list[dict]:
         bad = [T for T in args.seq_lens if T % W]
         if bad:
             raise ValueError(f"--seq-lens {bad} are not divisible by SP size {W}")
-        with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-            s.close()
+        with tempfile.TemporaryDirectory() as tmp:  # a file rendezvous: no TCP port to probe or race for
             out = Path(tmp) / "rows.json"
-            mp.spawn(_comm_worker, args=(W, port, shape, str(out)), nprocs=W, join=True)
-            rows += json.loads(out.read_text())
+            mp.spawn(_comm_worker, args=(W, str(Path(tmp) / "rendezvous"), shape, str(out)), nprocs=W, join=True)
+            new_rows = json.loads(out.read_text())
+        for row in new_rows:
+            print(f"comm W={row['world']} T={row['seq_len']:>6} {row['kind']:>16}  {row['measured']}"
+                  f"  equals analytic: {row['measured_equals_analytic']}", flush=True)
+        rows += new_rows
     return rows
 
 
 # ---------------------------------------------------------------------------------- CUDA timings
-def _time(fn: Callable[[], object], repeats: int) -> float:
-    """Median seconds of ``fn`` over ``repeats`` calls after one warm-up (CUDA-synchronised)."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _with_ratios(row: dict, baseline: str) -> dict:
+    """``row`` plus ``<key>_over_<baseline>`` for each other timing in it, printed as it is measured."""
+    row |= {f"{key[:-2]}_over_{baseline[:-2]}": row[key] / row[baseline]
+            for key in list(row) if key.endswith("_s") and key != baseline}
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    return row
 
 
 def time_sp1_overhead(args: argparse.Namespace) -> list[dict]:
@@ -179,10 +172,11 @@ def time_sp1_overhead(args: argparse.Namespace) -> list[dict]:
             o, s = gla(*leaves, g, output_final_state=True, backend="fla")
             return state_correction(o, leaves[0], g.float().cumsum(1), s.detach(), D ** -0.5, backend="triton")
 
-        rows.append({"seq_len": T,
-                     "fla_chunk_gla_s": _time(step(lambda: chunk_gla(*leaves, g)[0]), args.repeats),
-                     "lasp2_gla_sp1_s": _time(step(lambda: lasp2_gla(*leaves, g, backend="fla")[0]), args.repeats),
-                     "lasp2_rank_compute_s": _time(step(lasp_local), args.repeats)})
+        rows.append(_with_ratios({
+            "seq_len": T,
+            "fla_chunk_gla_s": cuda_seconds(step(lambda: chunk_gla(*leaves, g)[0]), args.cuda_rep_ms),
+            "lasp2_gla_sp1_s": cuda_seconds(step(lambda: lasp2_gla(*leaves, g, backend="fla")[0]), args.cuda_rep_ms),
+            "lasp2_rank_compute_s": cuda_seconds(step(lasp_local), args.cuda_rep_ms)}, "fla_chunk_gla_s"))
     return rows
 
 
@@ -207,36 +201,41 @@ def time_correction(args: argparse.Namespace) -> list[dict]:
                 out.float().sum().backward()
             return run
 
-        rows.append({"seq_len": T,
-                     "triton_fwd_s": _time(lambda: state_correction(o, q, gcum, s, 0.1, backend="triton"),
-                                           args.repeats),
-                     "torch_fwd_s": _time(lambda: naive_state_correction(o, q, gcum, s, 0.1), args.repeats),
-                     "triton_fwd_bwd_s": _time(fwd_bwd("triton"), args.repeats),
-                     "torch_autograd_fwd_bwd_s": _time(fwd_bwd("torch"), args.repeats)})
+        rows.append(_with_ratios({
+            "seq_len": T,
+            "torch_fwd_s": cuda_seconds(lambda: naive_state_correction(o, q, gcum, s, 0.1), args.cuda_rep_ms),
+            "triton_fwd_s": cuda_seconds(lambda: state_correction(o, q, gcum, s, 0.1, backend="triton"),
+                                         args.cuda_rep_ms),
+            "torch_autograd_fwd_bwd_s": cuda_seconds(fwd_bwd("torch"), args.cuda_rep_ms),
+            "triton_fwd_bwd_s": cuda_seconds(fwd_bwd("triton"), args.cuda_rep_ms)}, "torch_fwd_s"))
     return rows
 
 
-def measure_cuda(args: argparse.Namespace) -> dict:
-    result = {"gpu": torch.cuda.get_device_name(), "correction": time_correction(args)}
+def measure_cuda(args: argparse.Namespace, result: dict) -> None:
+    """Adds ``gpu``, ``sp1_overhead`` (the issue's first GPU figure) and ``correction`` to ``result``,
+    writing it after each."""
+    result["gpu"] = torch.cuda.get_device_name()
     try:
         result["sp1_overhead"] = time_sp1_overhead(args)
     except ImportError as err:  # fla is optional on a bare GPU image
         result["sp1_overhead"] = f"skipped: {err}"
-    return result
+    write_json_atomic(args.out, result)
+    result["correction"] = time_correction(args)
 
 
 # ---------------------------------------------------------------------------------- entry
 def run(args: argparse.Namespace) -> dict:
-    result = {"config": {k: v for k, v in vars(args).items() if k != "out"}, "python": platform.python_version(),
-              "torch": torch.__version__, "complete": False, "comm": [] if args.skip_comm else measure_comm(args)}
+    result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "python": platform.python_version(), "torch": torch.__version__, "complete": False,
+              "comm": [] if args.skip_comm else measure_comm(args)}
     if args.device == "cuda":
         write_json_atomic(args.out, result)  # a run cut short keeps the communication figures
-        result.update(measure_cuda(args))
+        measure_cuda(args, result)
     result["complete"] = True
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sp.json"))
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -245,8 +244,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--skip-comm", action="store_true", help="CUDA timings only")
+    parser.add_argument("--cuda-rep-ms", type=int, default=100,
+                        help="CUDA: milliseconds of calls behind each timing (triton.testing.do_bench's rep)")
+    parser.add_argument("--skip-comm", action="store_true",
+                        help="skip the communication measurement (a CPU/gloo figure), CUDA timings only")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device visible")
@@ -254,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     write_json_atomic(args.out, result)
     bad = [r for r in result["comm"] if not r["measured_equals_analytic"]]
     print(f"wrote {args.out}: {len(result['comm'])} comm rows, {len(bad)} differing from the analytic size")
+    return result
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""What every benchmark script shares: writing its JSON so that a reader never sees half a file."""
+"""What every benchmark script shares: writing its JSON so that a reader never sees half a file, and
+timing a CUDA call."""
 from __future__ import annotations
 
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -24,3 +25,12 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def cuda_seconds(fn: Callable[[], Any], rep_ms: int = 100) -> float:
+    """Median seconds per call of ``fn`` on CUDA: ``triton.testing.do_bench`` over about ``rep_ms`` of
+    calls after a warm-up, with the L2 cache flushed between calls, so that a small kernel's launch
+    latency and a cache kept hot between calls do not stand in for its cost."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=max(rep_ms // 4, 1), rep=rep_ms, return_mode="median") / 1e3

@@ -3,18 +3,21 @@
 # torch + triton preinstalled, fla and megatron-core carried as wheels in .whl/). Run it from the
 # repository root; results land in $OUT (default benchmarks/results/gpu):
 #
-#     bash benchmarks/gpu_suite.sh            # device tool: carry [".whl"]; at most 7.5 minutes
+#     bash benchmarks/gpu_suite.sh                          # all steps: about 9.5 minutes at most
+#     SUITE_STEPS="gpu_tests kernels" bash benchmarks/gpu_suite.sh    # a subset, e.g. one device call each
 #
-#   gpu_tests.log                    pytest tests/gpu (megatron optimizer, bf16, recompute, resume)
-#   kernels_gpu.json / kernels.log   benchmarks.bench_kernels --device cuda (gla, delta_rule)
-#   sp_gpu.json      / sp.log        benchmarks.bench_sp --device cuda (if the file exists)
-#   train_gpu.json   / train.log     benchmarks.bench_train --device cuda --suite gpu-lengths
+#   gpu_tests.log                    pytest tests/gpu (megatron optimizer, bf16, recompute, resume, grouped GEMM)
+#   kernels_gpu.json / kernels.log   benchmarks.bench_kernels: forward+backward, bf16, B=4 H=8 D=128 (the
+#                                    A0.3B-2B head shape): our dispatch vs fla called directly vs SDPA
+#   sp_gpu.json      / sp.log        benchmarks.bench_sp: SP=1 path vs plain fla, Triton correction vs PyTorch
+#   train_gpu.json   / train.log     benchmarks.bench_train --suite gpu-lengths: tokens/s over 2k..16k
 #   suite.log                        environment, exit codes (124 = timed out), summary
 #
-# Each step has its own timeout and one failure does not stop the others (set +e).
-# Measured on an H200 (2026-11-26): with a cold Triton cache every step ran out of its time in fla's
-# first compilations and autotuning (fla 0.6.0, Triton 3.6); only gla's scalar/diagonal kernel timings
-# came back. Give the suite a warm ~/.triton/cache, or about twice these timeouts.
+# Device tool: carry [".whl"]. Each step has its own timeout and one failure does not stop the others
+# (set +e); every benchmark rewrites its JSON after each case, so a step cut short keeps its figures.
+# Measured on an H200 (2026-11-26): with a cold Triton cache every step of the first version ran out of
+# its (then halved) time in fla's first compilations and autotuning (fla 0.6.0, Triton 3.6). The
+# timeouts below assume a cold cache; TRITON_CACHE_AUTOTUNING=1 lets later steps reuse earlier tuning.
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 set +e
 OUT=${OUT:-$PWD/benchmarks/results/gpu}
@@ -69,19 +72,24 @@ step() {
   log "== $name: exit $rc after $((SECONDS - start)) s"
 }
 
-step gpu_tests 120 python3 -m pytest -q -x --tb=short --timeout=100 -p no:cacheprovider -o addopts=-ra tests/gpu
-step kernels 100 python3 -m benchmarks.bench_kernels --device cuda --ops gla,delta_rule \
-  --seq-lens 1024,2048,4096,8192 --repeats 3 --max-seconds 15 --out "$OUT/kernels_gpu.json"
-if [ -f benchmarks/bench_sp.py ]; then
-  step sp 60 python3 -m benchmarks.bench_sp --device cuda --out "$OUT/sp_gpu.json"
-else
-  log "== sp: benchmarks/bench_sp.py absent, skipped"
-fi
-step train 165 python3 -m benchmarks.bench_train --device cuda --suite gpu-lengths --layers 4 \
-  --lengths 2048,4096,8192,16384 --tokens-per-step 32768 --mixers gla,softmax,gated_deltanet \
-  --warmup 2 --steps 3 --budget-s 125 --out "$OUT/train_gpu.json"
+SUITE_STEPS=${SUITE_STEPS:-gpu_tests kernels sp train}
+for name in $SUITE_STEPS; do
+  case $name in
+    gpu_tests) step gpu_tests 180 python3 -m pytest -q -x --tb=short --timeout=150 -p no:cacheprovider \
+                 -o addopts=-ra tests/gpu ;;
+    kernels) step kernels 150 python3 -m benchmarks.bench_kernels --device cuda --mode train --ops gla,delta_rule \
+               --roles fla,fla_direct,sdpa,chunk --batch 4 --heads 8 --head-dim 128 --seq-lens 2048,4096,8192,16384 \
+               --repeats 3 --max-seconds 20 --out "$OUT/kernels_gpu.json" ;;
+    sp) step sp 80 python3 -m benchmarks.bench_sp --device cuda --skip-comm --batch 4 --heads 8 --head-dim 128 \
+          --seq-lens 4096,16384 --out "$OUT/sp_gpu.json" ;;
+    train) step train 150 python3 -m benchmarks.bench_train --device cuda --suite gpu-lengths --layers 4 \
+             --lengths 2048,4096,8192,16384 --tokens-per-step 32768 --mixers gla,softmax,gated_deltanet \
+             --warmup 2 --steps 3 --budget-s 120 --out "$OUT/train_gpu.json" ;;
+    *) log "== $name: unknown step (known: gpu_tests kernels sp train)" ;;
+  esac
+done
 
-tail -n 25 "$OUT/gpu_tests.log" | tee -a "$LOG"
+[ -f "$OUT/gpu_tests.log" ] && tail -n 25 "$OUT/gpu_tests.log" | tee -a "$LOG"
 log "== summary (exit codes, 124 = timed out: $EXIT_CODES)"
 python3 - "$OUT" <<'EOF' 2>&1 | tee -a "$LOG"
 import json, sys
@@ -102,7 +110,11 @@ if kernels:
         print("kernels", key, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in values.items()})
 sp = load("sp_gpu.json")
 if sp:
-    print("sp: comm rows", len(sp.get("comm", [])), "| correction rows", len(sp.get("correction", []) or []))
+    for section in ("sp1_overhead", "correction"):
+        rows = sp.get(section, "not reached")
+        for row in rows if isinstance(rows, list) else [rows]:
+            print("sp", section, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+                  if isinstance(row, dict) else row)
 train = load("train_gpu.json")
 if train:
     print("train on", train["device_name"], "|", train["compares"])
