@@ -7,36 +7,51 @@ rootdir ``conftest.py`` (pytest's default ``prepend`` import mode), and spawned 
 """
 from __future__ import annotations
 
+import datetime
 import os
 import tempfile
+import warnings
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 RESULT = "result.pt"
 
 
-def spawn_world(worker: Callable[..., None], args: tuple = (), *, nprocs: int) -> Any:
-    """Run ``worker(rank, init_method, out_dir, *args)`` in ``nprocs`` spawned processes; return the result.
+def spawn_world(worker: Callable[..., Any], args: tuple = (), *, nprocs: int, timeout_s: float = 120) -> Any:
+    """Run ``worker(rank, scratch_dir, *args)`` on ``nprocs`` spawned gloo ranks; return rank 0's return value.
 
-    Each rank passes ``init_method`` to ``dist.init_process_group("gloo", init_method=..., rank=rank,
-    world_size=nprocs)``. ``out_dir`` is an empty directory that lives as long as the world; the result is
-    what a rank saved with :func:`save_result` (loaded with ``weights_only=True``), or ``None`` if none did.
-    A failed rank raises here as from ``mp.spawn`` (``ProcessRaisedException`` / ``ProcessExitedException``).
+    Each rank joins the default process group (gloo, a file rendezvous, collectives timing out after
+    ``timeout_s``) before the call and leaves it after, with one intra-op thread and warnings silenced.
+    ``scratch_dir`` is an empty directory the ranks share for the world's lifetime. Rank 0's return value
+    (tensors, numbers, strings, containers of them) comes back through ``torch.save`` / ``torch.load(...,
+    weights_only=True)``. A failed rank raises here as from ``mp.spawn`` (``ProcessRaisedException`` /
+    ``ProcessExitedException``).
     """
     with tempfile.TemporaryDirectory() as tmp:
         init_method = "file://" + os.path.join(tmp, "rendezvous")  # must not exist yet: one file per world
-        out_dir = os.path.join(tmp, "out")
-        os.mkdir(out_dir)
-        mp.spawn(worker, args=(init_method, out_dir, *args), nprocs=nprocs, join=True)
-        path = os.path.join(out_dir, RESULT)
+        scratch_dir = os.path.join(tmp, "scratch")
+        os.mkdir(scratch_dir)
+        mp.spawn(_rank_main, args=(worker, init_method, tmp, scratch_dir, nprocs, timeout_s, args), nprocs=nprocs,
+                 join=True)
+        path = os.path.join(tmp, RESULT)
         return torch.load(path, weights_only=True) if os.path.exists(path) else None
 
 
-def save_result(out_dir: str, result: Any) -> None:
-    """Save ``result`` (tensors, numbers, strings, containers of them) for :func:`spawn_world` to return."""
-    torch.save(result, os.path.join(out_dir, RESULT))
+def _rank_main(rank: int, worker: Callable[..., Any], init_method: str, tmp: str, scratch_dir: str, nprocs: int,
+               timeout_s: float, args: tuple) -> None:
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=nprocs,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        result = worker(rank, scratch_dir, *args)
+        if rank == 0:
+            torch.save(result, os.path.join(tmp, RESULT))
+    finally:
+        dist.destroy_process_group()
 
 
 class FullView:

@@ -16,7 +16,7 @@ import torch
 from torch.multiprocessing.spawn import ProcessException
 from safetensors.torch import load_file, save_file
 
-from dist_support import save_result, spawn_world
+from dist_support import spawn_world
 from linear_moe.components.convert import convert, hf_to_megatron
 from linear_moe.components.convert.cli import build_parser
 from linear_moe.kernels.testing import assert_rel_close
@@ -70,10 +70,8 @@ def _gathered_logits(model, tokens_BT: torch.Tensor) -> torch.Tensor:
         return tensor_parallel.gather_from_tensor_model_parallel_region(logits).clone()
 
 
-def _worker(rank: int, init_method: str, out_dir: str, root: str) -> None:
+def _worker(rank: int, scratch_dir: str, root: str) -> dict:
     """TP=2/EP=2: load the HF-derived checkpoint, take one training step, save, record logits."""
-    import torch.distributed as dist
-
     from linear_moe.components.train.checkpoint import load_checkpoint, save_checkpoint
     from linear_moe.model.config import ModelConfig
     from linear_moe.model.megatron.config import transformer_config
@@ -84,9 +82,7 @@ def _worker(rank: int, init_method: str, out_dir: str, root: str) -> None:
     from linear_moe.components.train.step import TrainingModel
     from linear_moe.model.megatron.step import wrap_ddp
 
-    torch.set_num_threads(1)
     root = Path(root)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=TP)
     sizes = ParallelSizes(tensor=TP, expert=EP, expert_tensor=1)
     initialize_parallel(sizes)
     model_config = ModelConfig.from_dict(json.loads((root / "from_hf" / "train_state.json").read_text())["model_config"])
@@ -101,11 +97,7 @@ def _worker(rank: int, init_method: str, out_dir: str, root: str) -> None:
     trainer = TrainingModel(model_config, config, [ddp], seq_length=T, micro_batch_size=B)
     trainer.train_step([{"tokens": tokens_BT, "labels": tokens_BT.roll(-1, 1)}], optimizer)
     save_checkpoint(root / "run" / "checkpoints", 1, [ddp], optimizer, {"model_config": model_config.to_dict()})
-    trained_logits = _gathered_logits(model, tokens_BT)
-    if rank == 0:
-        save_result(out_dir, {"loaded": loaded_logits, "trained": trained_logits})
-    dist.barrier()
-    dist.destroy_process_group()
+    return {"loaded": loaded_logits, "trained": _gathered_logits(model, tokens_BT)}
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,13 @@ References, fp32, relative error:
 from __future__ import annotations
 
 import os
-import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dist_support import save_result, spawn_world
+from dist_support import spawn_world
 from linear_moe.kernels.testing import assert_rel_close
 
 pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("dist")]
@@ -81,7 +80,7 @@ def _rank_batch(batch: dict, rank: int, world: int) -> dict:
     return {key: value[rows] for key, value in batch.items()}
 
 
-def _cases(rank: int, world: int, out_dir: str) -> dict:
+def _cases(rank: int, world: int, scratch_dir: str) -> dict:
     from linear_moe.components.train import checkpoint as ckpt
 
     model_overrides = MODEL if world == 1 else DP_MODEL
@@ -105,7 +104,7 @@ def _cases(rank: int, world: int, out_dir: str) -> dict:
     # resume: 2 steps, save, 2 steps; then a fresh model + optimizer loads the save and redoes the last 2
     model, optimizer = _build(config)
     _train(model, optimizer, local[:2])
-    saved = ckpt.save_checkpoint(os.path.join(out_dir, "checkpoints"), 2, model.chunks, optimizer, {})
+    saved = ckpt.save_checkpoint(os.path.join(scratch_dir, "checkpoints"), 2, model.chunks, optimizer, {})
     results["uninterrupted"] = _train(model, optimizer, local[2:])
     model, optimizer = _build(config)
     ckpt.load_checkpoint(saved, model.chunks, optimizer)
@@ -113,22 +112,16 @@ def _cases(rank: int, world: int, out_dir: str) -> dict:
     return results
 
 
-def _worker(rank: int, init_method: str, out_dir: str, world: int) -> None:
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+def _worker(rank: int, scratch_dir: str) -> dict:
     from linear_moe.model.megatron import ParallelSizes, destroy_parallel, initialize_parallel
     from linear_moe.model.megatron.cpu_compat import megatron_optimizer_on_cpu
 
     initialize_parallel(ParallelSizes(), seed=0)
     try:
         with megatron_optimizer_on_cpu():
-            results = _cases(rank, world, out_dir)
-        if rank == 0:
-            save_result(out_dir, results)
+            return _cases(rank, dist.get_world_size(), scratch_dir)
     finally:
         destroy_parallel()
-        dist.destroy_process_group()
 
 
 def _check_matches(run: dict, reference: dict, loss_ratio: float, param_ratio: float) -> None:
@@ -140,7 +133,7 @@ def _check_matches(run: dict, reference: dict, loss_ratio: float, param_ratio: f
 
 
 def test_megatron_optimizers_match_torch_adamw_in_a_world_of_one():
-    results = spawn_world(_worker, args=(1,), nprocs=1)
+    results = spawn_world(_worker, nprocs=1)
     reference = results["reference"]
     assert reference["losses"][-1] < reference["losses"][0]
     assert reference["norms"].max() > 0.5, "the clip (0.5) must act for the comparison to cover it"
@@ -150,7 +143,7 @@ def test_megatron_optimizers_match_torch_adamw_in_a_world_of_one():
 
 
 def test_distributed_optimizer_dp2_matches_single_process_and_shards_its_state():
-    results = spawn_world(_worker, args=(2,), nprocs=2)
+    results = spawn_world(_worker, nprocs=2)
     run = results["dp_distributed"]
     _check_matches(run, results["reference"], 1e-5, 1e-4)
     # the Adam state is split between the ranks (up to the buffers' padding), not replicated
@@ -166,9 +159,7 @@ def test_megatron_optimizer_needs_the_shim_on_cpu():
         spawn_world(_worker_without_shim, nprocs=1)
 
 
-def _worker_without_shim(rank: int, init_method: str, out_dir: str) -> None:
-    warnings.simplefilter("ignore")
-    dist.init_process_group("gloo", init_method=init_method, rank=0, world_size=1)
+def _worker_without_shim(rank: int, scratch_dir: str) -> None:
     from linear_moe.model.megatron import ParallelSizes, destroy_parallel, initialize_parallel
 
     initialize_parallel(ParallelSizes(), seed=0)
@@ -177,4 +168,3 @@ def _worker_without_shim(rank: int, init_method: str, out_dir: str) -> None:
         _train(model, optimizer, _batches(_config().model_config().vocab_size)[:1])
     finally:
         destroy_parallel()
-        dist.destroy_process_group()

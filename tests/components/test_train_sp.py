@@ -14,15 +14,12 @@ step-1 gradient and every step-3 weight within 1e-4 (the layouts only reorder fl
 """
 from __future__ import annotations
 
-import datetime
 import traceback
-import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from dist_support import FullView, save_result, spawn_world
+from dist_support import FullView, spawn_world
 from linear_moe.kernels.testing import assert_rel_close
 
 SEQ_LEN, BATCH, STEPS = 32, 2, 3
@@ -73,27 +70,19 @@ def _train(train_config, sizes: dict, batch: dict, full_state=None) -> dict:
         destroy_parallel()
 
 
-def _worker(rank: int, init_method: str, out_dir: str, world: int, model: dict, sizes: dict) -> None:
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        import linear_moe.model.mixers  # noqa: F401  (fills the mixer registry)
-        from linear_moe.components.train import TrainConfig
+def _worker(rank: int, scratch_dir: str, model: dict, sizes: dict) -> dict:
+    import linear_moe.model.mixers  # noqa: F401  (fills the mixer registry)
+    from linear_moe.components.train import TrainConfig
 
-        train_config = TrainConfig(preset="tiny", model_overrides=model, seq_length=SEQ_LEN, micro_batch_size=BATCH,
-                                   global_batch_size=BATCH, grad_clip=1.0, lr=3e-3, seed=0)
-        batch = _batch(train_config.model_config().vocab_size)
-        results = {"reference": _train(train_config, {}, batch)}
-        try:
-            results["sp"] = _train(train_config, sizes, batch, full_state=results["reference"]["initial"])
-        except Exception:  # reported by the test
-            results["sp"] = traceback.format_exc()
-        if rank == 0:
-            save_result(out_dir, results)
-    finally:
-        dist.destroy_process_group()
+    train_config = TrainConfig(preset="tiny", model_overrides=model, seq_length=SEQ_LEN, micro_batch_size=BATCH,
+                               global_batch_size=BATCH, grad_clip=1.0, lr=3e-3, seed=0)
+    batch = _batch(train_config.model_config().vocab_size)
+    results = {"reference": _train(train_config, {}, batch)}
+    try:
+        results["sp"] = _train(train_config, sizes, batch, full_state=results["reference"]["initial"])
+    except Exception:  # reported by the test
+        results["sp"] = traceback.format_exc()
+    return results
 
 
 def _check_matches_reference(runs: dict, sizes: dict) -> None:
@@ -130,4 +119,4 @@ def test_seq_length_not_divisible_by_sp_is_rejected():
     (4, GATED_DELTANET_MOE, dict(context=2, pipeline=2)),
 ], ids=["sp2-hybrid_moe", "sp2_tp2-hybrid_moe", "sp2_ep2-hybrid_moe", "sp2_pp2-gated_deltanet_moe"])
 def test_sequence_parallel_matches_single_process_losses_and_grads(world, model, sizes):
-    _check_matches_reference(spawn_world(_worker, args=(world, model, sizes), nprocs=world), sizes)
+    _check_matches_reference(spawn_world(_worker, args=(model, sizes), nprocs=world), sizes)

@@ -9,14 +9,12 @@ identical gradients). Its initial full state dict is sharded into each layout's 
 """
 from __future__ import annotations
 
-import datetime
 import traceback
-import warnings
 
 import torch
 import torch.distributed as dist
 
-from dist_support import FullView, save_result, spawn_world
+from dist_support import FullView, spawn_world
 
 SEQ_LEN = 32
 GLOBAL_BATCH = 2
@@ -36,7 +34,7 @@ def run_layouts(model: dict, layouts: dict[str, dict], world_size: int = 2, atte
     replicate_data=bool, config=transformer_config kwargs)``. A run is ``dict(losses, grads, params, initial)`` with full-model names.
     """
     case = dict(model=model, layouts=layouts, attention_mixer=attention_mixer)
-    return spawn_world(_worker, args=(world_size, case), nprocs=world_size)
+    return spawn_world(_worker, args=(case,), nprocs=world_size, timeout_s=90)
 
 
 def _batch(vocab_size: int) -> dict:
@@ -89,30 +87,22 @@ def _train(model_config, sizes, batch, full_state=None, attention_mixer="attenti
         ps.destroy_model_parallel()
 
 
-def _worker(rank: int, init_method: str, out_dir: str, world_size: int, case: dict) -> None:
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=90))
-    try:
-        import linear_moe.model.mixers  # noqa: F401  (fills the mixer registry)
-        from linear_moe.model import preset
-        from linear_moe.model.megatron.parallel import ParallelSizes
+def _worker(rank: int, scratch_dir: str, case: dict) -> dict:
+    import linear_moe.model.mixers  # noqa: F401  (fills the mixer registry)
+    from linear_moe.model import preset
+    from linear_moe.model.megatron.parallel import ParallelSizes
 
-        model_config = preset("tiny", **case["model"])
-        batch = _batch(model_config.vocab_size)
-        mixer = case["attention_mixer"]
-        results = {"reference": _train(model_config, ParallelSizes(), batch, attention_mixer=mixer, split_data=False)}
-        for name, layout in case["layouts"].items():
-            try:
-                results[name] = _train(
-                    model_config, ParallelSizes(**layout["sizes"]), batch, full_state=results["reference"]["initial"],
-                    attention_mixer=mixer, split_data=not layout.get("replicate_data", False),
-                    config_kwargs=layout.get("config"),
-                )
-            except Exception:  # reported by the test that owns this layout
-                results[name] = traceback.format_exc()
-        if rank == 0:
-            save_result(out_dir, results)
-    finally:
-        dist.destroy_process_group()
+    model_config = preset("tiny", **case["model"])
+    batch = _batch(model_config.vocab_size)
+    mixer = case["attention_mixer"]
+    results = {"reference": _train(model_config, ParallelSizes(), batch, attention_mixer=mixer, split_data=False)}
+    for name, layout in case["layouts"].items():
+        try:
+            results[name] = _train(
+                model_config, ParallelSizes(**layout["sizes"]), batch, full_state=results["reference"]["initial"],
+                attention_mixer=mixer, split_data=not layout.get("replicate_data", False),
+                config_kwargs=layout.get("config"),
+            )
+        except Exception:  # reported by the test that owns this layout
+            results[name] = traceback.format_exc()
+    return results

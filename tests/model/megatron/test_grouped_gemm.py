@@ -15,13 +15,11 @@ only lifts the assert; ``test_bf16_flag_alone_changes_nothing_on_cpu`` checks th
 model's logits are bit-identical with and without it. The layer's own weights and GEMMs are fp32.
 """
 import os
-import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from dist_support import save_result, spawn_world
+from dist_support import spawn_world
 from linear_moe.kernels.testing import assert_rel_close
 from linear_moe.model.megatron.grouped_gemm import (
     GMM_PACKAGE,
@@ -184,32 +182,25 @@ def _checkpoint_into_sequential_model(grouped_model, model_config, directory):
     return before, megatron_io.tensor_state_dict(model)
 
 
-def _worker(rank, init_method, out_dir):
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=0, world_size=1)
-    try:
-        import linear_moe.model.mixers  # noqa: F401  (fills the mixer registry)
-        from linear_moe.components.convert.adapter import mcore_to_hf
-        from linear_moe.model import preset
-        from linear_moe.model.megatron.parallel import ParallelSizes, destroy_parallel, initialize_parallel
+def _worker(rank, scratch_dir):
+    import linear_moe.model.mixers  # noqa: F401  (fills the mixer registry)
+    from linear_moe.components.convert.adapter import mcore_to_hf
+    from linear_moe.model import preset
+    from linear_moe.model.megatron.parallel import ParallelSizes, destroy_parallel, initialize_parallel
 
-        initialize_parallel(ParallelSizes())
-        try:
-            model_config = preset("tiny", **MODEL)
-            tokens = torch.randint(0, model_config.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0))
-            runs = {name: _run(model_config, kwargs, tokens[:, :-1], tokens[:, 1:]) for name, kwargs in BUILDS.items()}
-            before_load, checkpoint_state = _checkpoint_into_sequential_model(
-                runs["grouped"]["model"], model_config, os.path.join(out_dir, "checkpoint"))
-        finally:
-            destroy_parallel()
-        for run in runs.values():
-            del run["model"]
-        results = dict(runs=runs, tokens=tokens[:, :-1], before_load=before_load, checkpoint_state=checkpoint_state,
-                       hf_state=mcore_to_hf(checkpoint_state))
-        save_result(out_dir, results)
+    initialize_parallel(ParallelSizes())
+    try:
+        model_config = preset("tiny", **MODEL)
+        tokens = torch.randint(0, model_config.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0))
+        runs = {name: _run(model_config, kwargs, tokens[:, :-1], tokens[:, 1:]) for name, kwargs in BUILDS.items()}
+        before_load, checkpoint_state = _checkpoint_into_sequential_model(
+            runs["grouped"]["model"], model_config, os.path.join(scratch_dir, "checkpoint"))
     finally:
-        dist.destroy_process_group()
+        destroy_parallel()
+    for run in runs.values():
+        del run["model"]
+    return dict(runs=runs, tokens=tokens[:, :-1], before_load=before_load, checkpoint_state=checkpoint_state,
+                hf_state=mcore_to_hf(checkpoint_state))
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_support import save_result, spawn_world
+from dist_support import spawn_world
 from linear_moe.kernels.testing import assert_rel_close
 
 pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("dist")]
@@ -36,11 +36,7 @@ def _reference_loss(mc, state, tokens_BT, labels_BT):
     return F.cross_entropy(logits.flatten(0, 1), labels_BT.flatten(), reduction="none").view_as(labels_BT)
 
 
-def _worker(rank, init_method, out_dir):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=0, world_size=1)
+def _worker(rank, scratch_dir):
     import linear_moe.model.mixers  # noqa: F401
     from linear_moe.model import preset
     from linear_moe.model.megatron.config import transformer_config
@@ -56,8 +52,7 @@ def _worker(rank, init_method, out_dir):
     state = {k: v.detach() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     with torch.no_grad():
         reference_BT = _reference_loss(mc, state, tokens_BT, labels_BT)
-    save_result(out_dir, dict(loss=loss_BT.detach(), reference=reference_BT))
-    dist.destroy_process_group()
+    return dict(loss=loss_BT.detach(), reference=reference_BT)
 
 
 def test_tp1_model_matches_hand_written_forward():

@@ -5,13 +5,11 @@ One spawned 2-rank gloo world builds every (model, layout) pair once; the tests 
 """
 import math
 import traceback
-import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from dist_support import save_result, spawn_world
+from dist_support import spawn_world
 from megatron_dist_harness import GROUPED_GEMM_CONFIG
 
 pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("dist")]
@@ -60,33 +58,25 @@ def _initial_state(model_config, sizes, seed=SEED, extra_module=False, config_kw
         ps.destroy_model_parallel()
 
 
-def _worker(rank, init_method, out_dir):
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
-    try:
-        import linear_moe.model.mixers  # noqa: F401  (fills the mixer registry)
-        from linear_moe.model import preset
-        from linear_moe.model.megatron.parallel import ParallelSizes
+def _worker(rank, scratch_dir):
+    import linear_moe.model.mixers  # noqa: F401  (fills the mixer registry)
+    from linear_moe.model import preset
+    from linear_moe.model.megatron.parallel import ParallelSizes
 
-        results = {}
-        for model_name, (preset_name, overrides) in MODELS.items():
-            model_config = preset(preset_name, **overrides)
-            runs = {"reference": _initial_state(model_config, ParallelSizes())}
-            for layout_name, (sizes, config_kwargs) in LAYOUTS.items():
-                try:
-                    runs[layout_name] = _initial_state(model_config, ParallelSizes(**sizes),
-                                                       config_kwargs=config_kwargs)
-                except Exception:  # reported by the test that owns this layout
-                    runs[layout_name] = traceback.format_exc()
-            results[model_name] = runs
-        model_config = _config("gated_deltanet-LL")
-        results["other_seed"] = _initial_state(model_config, ParallelSizes(), seed=SEED + 1)
-        results["unknown_module_error"] = _initial_state(model_config, ParallelSizes(), extra_module=True)
-        if rank == 0:
-            save_result(out_dir, results)
-    finally:
-        dist.destroy_process_group()
+    results = {}
+    for model_name, (preset_name, overrides) in MODELS.items():
+        model_config = preset(preset_name, **overrides)
+        runs = {"reference": _initial_state(model_config, ParallelSizes())}
+        for layout_name, (sizes, config_kwargs) in LAYOUTS.items():
+            try:
+                runs[layout_name] = _initial_state(model_config, ParallelSizes(**sizes), config_kwargs=config_kwargs)
+            except Exception:  # reported by the test that owns this layout
+                runs[layout_name] = traceback.format_exc()
+        results[model_name] = runs
+    model_config = _config("gated_deltanet-LL")
+    results["other_seed"] = _initial_state(model_config, ParallelSizes(), seed=SEED + 1)
+    results["unknown_module_error"] = _initial_state(model_config, ParallelSizes(), extra_module=True)
+    return results
 
 
 @pytest.fixture(scope="module")

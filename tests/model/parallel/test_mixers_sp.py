@@ -11,13 +11,12 @@ One spawn per SP size runs every case; rank 0 saves the worst relative error ove
 """
 from __future__ import annotations
 
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from dist_support import save_result, spawn_world
+from dist_support import spawn_world
 from linear_moe.kernels.testing import rel_error
 from linear_moe.model.config import preset
 from linear_moe.model.mixers import MIXERS
@@ -100,34 +99,27 @@ def _decoding_state_rejected(names: list[str], ctx: SequenceParallelContext) -> 
     return rejected
 
 
-def _worker(rank, init_method, out_dir, world, names):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
-    try:
-        ctx = SequenceParallelContext(dist.group.WORLD, lasp_backend="torch")
-        results = {}
-        for name in names:
-            for case in CASES:
-                try:
-                    results[f"{name}/{case}"] = _run_case(name, case, ctx)
-                except Exception as exc:  # report per case; every rank raises alike (same shapes)
-                    results[f"{name}/{case}"] = {"error": f"{type(exc).__name__}: {exc}"}
-        results["decoding_state_rejected"] = _decoding_state_rejected(names, ctx)
-        if rank == 0:
-            save_result(out_dir, results)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, scratch_dir, names):
+    ctx = SequenceParallelContext(dist.group.WORLD, lasp_backend="torch")
+    results = {}
+    for name in names:
+        for case in CASES:
+            try:
+                results[f"{name}/{case}"] = _run_case(name, case, ctx)
+            except Exception as exc:  # report per case; every rank raises alike (same shapes)
+                results[f"{name}/{case}"] = {"error": f"{type(exc).__name__}: {exc}"}
+    results["decoding_state_rejected"] = _decoding_state_rejected(names, ctx)
+    return results
 
 
 @pytest.fixture(scope="module")
 def sp2_results():
-    return spawn_world(_worker, args=(2, SP2_MIXERS), nprocs=2)
+    return spawn_world(_worker, args=(SP2_MIXERS,), nprocs=2)
 
 
 @pytest.fixture(scope="module")
 def sp4_results():
-    return spawn_world(_worker, args=(4, SP4_MIXERS), nprocs=4)
+    return spawn_world(_worker, args=(SP4_MIXERS,), nprocs=4)
 
 
 def _check(results: dict, world: int, name: str, case: str) -> None:

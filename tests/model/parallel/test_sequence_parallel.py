@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_support import save_result, spawn_world
+from dist_support import spawn_world
 from linear_moe.kernels.testing import rel_error
 from linear_moe.model.parallel import SequenceParallelContext, count_collectives, lasp2_attention
 
@@ -210,21 +210,14 @@ def _comm_volume(ctx):
     return out
 
 
-def _worker(rank, init_method, out_dir, world):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
-    try:
-        ctx = SequenceParallelContext(dist.group.WORLD, lasp_backend="torch")
-        results = {"cases": {name: _run_case(name, ctx) for name in CASES}, "comm": _comm_volume(ctx)}
-        if rank == 0:
-            save_result(out_dir, results)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, scratch_dir):
+    ctx = SequenceParallelContext(dist.group.WORLD, lasp_backend="torch")
+    return {"cases": {name: _run_case(name, ctx) for name in CASES}, "comm": _comm_volume(ctx)}
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"SP{w}")
 def sp_results(request):
-    return request.param, spawn_world(_worker, args=(request.param,), nprocs=request.param)
+    return request.param, spawn_world(_worker, nprocs=request.param)
 
 
 @pytest.mark.distributed
