@@ -32,3 +32,22 @@ def resolve_backend(backend: str, reference: torch.Tensor) -> str:
     if backend == "auto":
         return "fla" if reference.is_cuda and fla_available() else "chunk"
     return backend
+
+
+@functools.cache
+def fla_gated_backward_refused() -> bool:
+    """Whether fla refuses the backward of its scalar-gated chunk ops on this machine.
+
+    fla 0.6's ``chunk_bwd_dqkwg`` with a gate (the backward of ``chunk_simple_gla`` and
+    ``chunk_gated_delta_rule``) is miscompiled by Triton >= 3.4, < 3.7.1 on Hopper GPUs (fla #640), so
+    fla raises there unless its tilelang backend serves the kernel. The fla dispatchers then take ops
+    with their own backward kernels: ``chunk_gla`` and ``chunk_kda`` with the gate broadcast over K.
+    """
+    import importlib.util
+
+    try:
+        from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+    except ImportError:  # pragma: no cover - depends on the install
+        return False
+    return bool(IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1
+                and importlib.util.find_spec("tilelang") is None)

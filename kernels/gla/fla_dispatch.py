@@ -2,18 +2,27 @@
 
 * ``u`` given            -> ``fla.ops.rwkv6.chunk_rwkv6`` (g expanded to (B, T, H, K); zeros if None)
 * diagonal ``g``         -> ``fla.ops.gla.chunk_gla``
-* scalar ``g`` or None   -> ``fla.ops.simple_gla.chunk_simple_gla``
+* scalar ``g`` or None   -> ``fla.ops.simple_gla.chunk_simple_gla``; a scalar ``g`` goes to ``chunk_gla``
+  (broadcast over K) where fla refuses ``chunk_simple_gla``'s gated backward
+  (:func:`~linear_moe.kernels.backend.fla_gated_backward_refused`)
 
-All three take (B, T, H, K) layout, ``scale``, ``initial_state`` (N, H, K, V), ``output_final_state``
-and ``cu_seqlens``. fla picks its own chunk size, so ``chunk_size`` is ignored here.
+All three take (B, T, H, K) layout, ``scale``, ``initial_state`` (N, H, K, V) fp32,
+``output_final_state`` and ``cu_seqlens``. fla picks its own chunk size, so ``chunk_size`` is ignored
+here. A value dim below 16, or odd, is zero-padded to ``max(16, even)`` and the output and state are
+sliced back: fla's kernels tile V in blocks of at least 16 for ``tl.dot`` (``chunk_gla_bwd_dA`` uses
+``BV = next_power_of_2(V)``) and its bf16 backward asserts an even V. GSA's slot pass has V = 1.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
+from linear_moe.kernels import backend
 from linear_moe.kernels.gla.checks import check_gla_inputs, decay_kind
+
+MIN_VALUE_DIM = 16
 
 
 def _rwkv6(q, k, v, g, u, **kwargs):
@@ -33,6 +42,8 @@ def _diagonal(q, k, v, g, u, **kwargs):
 
 
 def _scalar(q, k, v, g, u, **kwargs):
+    if g is not None and backend.fla_gated_backward_refused():
+        return _diagonal(q, k, v, g[..., None].expand(q.shape).contiguous(), u, **kwargs)
     from fla.ops.simple_gla import chunk_simple_gla
 
     return chunk_simple_gla(q, k, v, g=g, **kwargs)
@@ -66,8 +77,13 @@ def fla_gla(
     check_gla_inputs(q, k, v, g, u, initial_state, cu_seqlens)
     op = FLA_OPS[(decay_kind(g), u is not None)]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    V = v.shape[-1]
+    pad = max(MIN_VALUE_DIM, V + V % 2) - V
+    if pad:
+        v = F.pad(v, (0, pad))
+        initial_state = None if initial_state is None else F.pad(initial_state, (0, pad))
     o, final = op(
-        q, k, v, g, u, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-        cu_seqlens=None if cu_seqlens is None else cu_seqlens.long(),
+        q, k, v, g, u, scale=scale, initial_state=None if initial_state is None else initial_state.float(),
+        output_final_state=output_final_state, cu_seqlens=None if cu_seqlens is None else cu_seqlens.long(),
     )
-    return o.to(v.dtype), (final.float() if output_final_state else None)
+    return o[..., :V].to(v.dtype), (final[..., :V].float() if output_final_state else None)

@@ -5,7 +5,8 @@ Runbook (per rank, after ``torch.distributed.init_process_group``)::
     sizes = ParallelSizes(tensor=2)                      # DP = world / (tensor * pipeline)
     initialize_parallel(sizes)                           # applies cpu_compat patches on CPU hosts
     config = transformer_config(model_config, sizes)
-    model = wrap_ddp(build_gpt_model(model_config, config), config)
+    model = build_gpt_model(model_config, config)        # on GPU: .to("cuda", config.params_dtype)
+    model = wrap_ddp(model, config)
     # the step (schedule, clipping, AdamW, MoE statistics): components/train/step.py TrainingModel
 
 Importing this package imports megatron-core but patches nothing.

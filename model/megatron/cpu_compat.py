@@ -4,7 +4,8 @@ This is the only module that patches megatron or ``torch.cuda`` for the CPU (``g
 supplies the ``gmm`` op megatron's grouped-GEMM experts import). Each entry of :data:`CPU_PATCHES`
 names one incompatibility measured on a CPU-only host (see tests/model/megatron/test_cpu_compat.py,
 which shows every unpatched call failing and passing after the patch). :func:`apply_cpu_patches` is
-idempotent and does nothing when CUDA is available. :func:`megatron_optimizer_on_cpu` is separate and
+idempotent and does nothing when CUDA is available, except for the :data:`WITHOUT_TRANSFORMER_ENGINE`
+patches that a GPU host without Transformer Engine needs as well. :func:`megatron_optimizer_on_cpu` is separate and
 scoped: it lets tests run megatron's (CUDA-only) optimizer on CPU; the trainer never uses it.
 """
 from __future__ import annotations
@@ -269,6 +270,10 @@ CPU_PATCHES: dict[str, Callable[[], None]] = {
     "torch_norm_sequence_parallel": _patch_torch_norm_sequence_parallel,
     "hardcoded_cuda_device": _patch_hardcoded_cuda_device,
 }
+
+#: the patches a GPU host without Transformer Engine (and Apex) needs too: the router GEMM's fallback,
+#: and torch norms under megatron's sequence parallelism (on whenever TP > 1)
+WITHOUT_TRANSFORMER_ENGINE: tuple[str, ...] = ("te_general_gemm", "torch_norm_sequence_parallel")
 
 _APPLIED: set[str] = set()
 

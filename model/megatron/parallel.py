@@ -52,11 +52,11 @@ def initialize_parallel(sizes: ParallelSizes, seed: int = 1234) -> None:
     """
     from megatron.core import parallel_state, tensor_parallel
 
-    from linear_moe.model.megatron.cpu_compat import apply_cpu_patches
+    from linear_moe.model.megatron.cpu_compat import WITHOUT_TRANSFORMER_ENGINE, apply_cpu_patches
 
     apply_cpu_patches()
-    if torch.cuda.is_available():  # without Transformer Engine the router GEMM needs this one on GPU too
-        apply_cpu_patches(("te_general_gemm",), force=True)
+    if torch.cuda.is_available():  # our specs build megatron's torch norms and router GEMM, never TE's
+        apply_cpu_patches(WITHOUT_TRANSFORMER_ENGINE, force=True)
     if not torch.distributed.is_initialized():
         raise ValueError("initialize_parallel: call torch.distributed.init_process_group first (gloo on CPU)")
     sizes.data_parallel(torch.distributed.get_world_size())

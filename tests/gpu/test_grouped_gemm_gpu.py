@@ -65,7 +65,8 @@ def test_grouped_mlp_matches_sequential_mlp_in_bf16(monkeypatch):
         for grouped in (False, True):
             config = transformer_config(mc, moe_grouped_gemm=grouped)
             assert config.bf16 and config.params_dtype == torch.bfloat16
-            model = build_gpt_model(mc, config, seed=0)
+            model = build_gpt_model(mc, config, seed=0).to(torch.device("cuda", torch.cuda.current_device()),
+                                                           dtype=config.params_dtype)
             layout, coords = shard_layout(model), RankCoords.current(mc.num_layers, mc.num_experts)
             loss_BT = model(tokens[:, :-1], torch.arange(T, device="cuda").expand(B, T), None, labels=tokens[:, 1:])
             loss_BT.float().mean().backward()

@@ -40,10 +40,13 @@ def _config(**fields):
 
 
 def _batches(vocab_size: int, steps: int) -> list[dict[str, torch.Tensor]]:
+    """One random batch, repeated: the model memorises it, so the loss must fall (on fresh uniformly
+    random tokens it cannot go below ln(vocab), and whether it moves down is noise)."""
     from linear_moe.components.train.data import random_batches
 
-    return random_batches(steps, batch_size=BATCH, seq_length=SEQ_LEN, vocab_size=vocab_size,
-                          generator=torch.Generator().manual_seed(3))
+    (batch,) = random_batches(1, batch_size=BATCH, seq_length=SEQ_LEN, vocab_size=vocab_size,
+                              generator=torch.Generator().manual_seed(3))
+    return [batch] * steps
 
 
 def _build(config, params_dtype):
@@ -76,7 +79,7 @@ def test_megatron_optimizer_matches_torch_adamw_in_fp32(world):
     model, optimizer = _build(_config(optimizer="megatron", distributed_optimizer=True), torch.float32)
     assert isinstance(optimizer, MegatronAdam)
     losses = _run(model, optimizer, batches)
-    assert reference[-1] < reference[0]
+    assert reference[-1] < reference[0] - 0.1, reference  # it learns, so "matches" means something
     assert _rel(losses, reference) <= 1e-4, (losses, reference)
 
 
@@ -87,7 +90,7 @@ def test_bf16_with_distributed_optimizer_tracks_fp32(world):
     assert model.config.bf16 and all(p.dtype == torch.bfloat16 for p in model.parameters())
     losses = _run(model, optimizer, batches)
     assert _rel(losses, reference) <= 3e-2, (losses, reference)
-    assert losses[-1] < losses[0]
+    assert losses[-1] < losses[0] - 0.1, losses
 
 
 def test_full_recompute_matches_no_recompute_in_bf16(world):

@@ -2,10 +2,15 @@
 
 One interpreter process (``run_interpreted``) runs every op forward and backward on tiny shapes and
 prints the relative errors as JSON; each test checks its op. fp32 everywhere except
-``chunk_delta_rule``, which refuses fp32: it runs in bf16 against our fp32 path on the same
-bf16-rounded inputs, with a looser stated tolerance.
+``chunk_delta_rule``, which refuses fp32, and the bf16 value-padding case: they run in bf16 against
+our fp32 path on the same bf16-rounded inputs, with a looser stated tolerance.
+
+The ``dispatch_*`` cases go through our fla dispatchers (``backend="fla"``): the ops they fall back
+to where fla refuses its gated backward (Hopper with Triton 3.4-3.7.0, marked refused here), and the
+zero-padding of a value dim below 16 (GSA's slot pass has V = 1; fla's bf16 backward asserts an even V).
 """
 import json
+from unittest import mock
 
 import pytest
 import torch
@@ -27,6 +32,20 @@ def _inputs(seed):
             "beta": torch.rand(B, T, H, generator=gen)}
 
 
+def _gated_backward_refused(fn):
+    """``fn`` as on a machine where fla refuses its gated backward: the check says so, and the two
+    refused ops raise if called at all, so a match can only come from the fallback ops."""
+    def refused(*args, **kwargs):
+        raise AssertionError("a refused fla op was called")
+
+    def call(x):
+        with mock.patch("linear_moe.kernels.backend.fla_gated_backward_refused", return_value=True), \
+                mock.patch("fla.ops.simple_gla.chunk_simple_gla", refused), \
+                mock.patch("fla.ops.gated_delta_rule.chunk_gated_delta_rule", refused):
+            return fn(x)
+    return call
+
+
 def _cases():
     """name -> (fla call, our call, precision); both take the leaf dict and return (o, S_final)."""
     from fla.ops.delta_rule import chunk_delta_rule
@@ -38,6 +57,7 @@ def _cases():
     from linear_moe.kernels.gla import gla
 
     ours = dict(backend="chunk", chunk_size=16, output_final_state=True)
+    dispatch = dict(backend="fla", output_final_state=True)
     kn = lambda x: F.normalize(x["k"], dim=-1)  # noqa: E731
     packed = torch.tensor(CU)
     s0_packed = lambda x: x["s0"].expand(len(CU) - 1, -1, -1, -1)  # noqa: E731
@@ -63,33 +83,53 @@ def _cases():
             lambda x: chunk_delta_rule(x["q"], kn(x), x["v"], x["beta"], initial_state=x["s0"],
                                        output_final_state=True),
             lambda x: delta_rule(x["q"], kn(x), x["v"], x["beta"], initial_state=x["s0"], **ours), "bf16"),
+        "dispatch_scalar_gla_as_chunk_gla": (
+            _gated_backward_refused(lambda x: gla(x["q"], x["k"], x["v"], x["g_scalar"], initial_state=x["s0"],
+                                                  **dispatch)),
+            lambda x: gla(x["q"], x["k"], x["v"], x["g_scalar"], initial_state=x["s0"], **ours), "fp32"),
+        "dispatch_gated_delta_rule_as_kda": (
+            _gated_backward_refused(lambda x: delta_rule(x["q"], kn(x), x["v"], x["beta"], x["g_scalar"],
+                                                         initial_state=x["s0"], **dispatch)),
+            lambda x: delta_rule(x["q"], kn(x), x["v"], x["beta"], x["g_scalar"], initial_state=x["s0"], **ours),
+            "fp32"),
+        "dispatch_fp32_delta_rule_as_kda": (
+            _gated_backward_refused(lambda x: delta_rule(x["q"], kn(x), x["v"], x["beta"], initial_state=x["s0"],
+                                                         **dispatch)),
+            lambda x: delta_rule(x["q"], kn(x), x["v"], x["beta"], initial_state=x["s0"], **ours), "fp32"),
+        "dispatch_gla_value_dim_1_bf16": (
+            lambda x: gla(x["q"], x["k"], x["v"][..., :1], x["g_scalar"], initial_state=x["s0"][..., :1], **dispatch),
+            lambda x: gla(x["q"], x["k"], x["v"][..., :1], x["g_scalar"], initial_state=x["s0"][..., :1], **ours),
+            "bf16"),
     }
 
 
 def _run_all():
-    """Interpreter process: print {case: {tensor: relative error}} as the last stdout line."""
+    """Interpreter process: print {case: {tensor: relative error} or {"error": ...}} as the last stdout line."""
     results = {}
     for i, (name, (fla_fn, our_fn, precision)) in enumerate(_cases().items()):
-        base = _inputs(i)
-        weight_o, weight_s = torch.randn(B, T, H, V), torch.randn(*_cases_state_shape(name))
-        outs = {}
-        for impl, fn, dtype in (("fla", fla_fn, torch.bfloat16 if precision == "bf16" else torch.float32),
-                                ("ours", our_fn, torch.float32)):
-            # bf16 case: both sides see the same bf16-rounded activations; states stay fp32
-            x = {n: (t.to(torch.bfloat16).to(dtype) if precision == "bf16" and n != "s0" else t).clone()
-                 .requires_grad_() for n, t in base.items()}
-            o, S = fn(x)
-            loss = (o.float() * weight_o).sum() + (S.float() * weight_s).sum()
-            leaves = [n for n in x if n in ("q", "k", "v", "s0", "g_diag", "g_scalar", "beta")]
-            grads = torch.autograd.grad(loss, [x[n] for n in leaves], allow_unused=True)
-            outs[impl] = {"o": o, "S": S, **{f"d{n}": g for n, g in zip(leaves, grads) if g is not None}}
-        results[name] = {"precision": precision, **{n: rel_error(outs["ours"][n].float(), outs["fla"][n].float())
-                                                    for n in outs["ours"] if n in outs["fla"]}}
+        try:
+            results[name] = {"precision": precision, **_relative_errors(i, fla_fn, our_fn, precision)}
+        except Exception as error:  # reported by this case's test; the other cases still run
+            results[name] = {"precision": precision, "error": f"{type(error).__name__}: {error}"[:2000]}
     print(json.dumps(results))
 
 
-def _cases_state_shape(name):
-    return (len(CU) - 1 if name.endswith("_packed") else B, H, K, V)
+def _relative_errors(seed, fla_fn, our_fn, precision):
+    base = _inputs(seed)
+    weights = []  # fixed random projections of (o, S), drawn at the first call's shapes
+    outs = {}
+    for impl, fn, dtype in (("fla", fla_fn, torch.bfloat16 if precision == "bf16" else torch.float32),
+                            ("ours", our_fn, torch.float32)):
+        # bf16 case: both sides see the same bf16-rounded activations; states stay fp32
+        x = {n: (t.to(torch.bfloat16).to(dtype) if precision == "bf16" and n != "s0" else t).clone()
+             .requires_grad_() for n, t in base.items()}
+        o, S = fn(x)
+        weights = weights or [torch.randn(o.shape), torch.randn(S.shape)]
+        loss = (o.float() * weights[0]).sum() + (S.float() * weights[1]).sum()
+        leaves = [n for n in x if n in ("q", "k", "v", "s0", "g_diag", "g_scalar", "beta")]
+        grads = torch.autograd.grad(loss, [x[n] for n in leaves], allow_unused=True)
+        outs[impl] = {"o": o, "S": S, **{f"d{n}": g for n, g in zip(leaves, grads) if g is not None}}
+    return {n: rel_error(outs["ours"][n].float(), outs["fla"][n].float()) for n in outs["ours"] if n in outs["fla"]}
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +140,13 @@ def fla_results():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["chunk_gla", "chunk_gla_packed", "chunk_simple_gla", "chunk_gated_delta_rule",
-                                  "chunk_delta_rule"])
+                                  "chunk_delta_rule", "dispatch_scalar_gla_as_chunk_gla",
+                                  "dispatch_gated_delta_rule_as_kda", "dispatch_fp32_delta_rule_as_kda",
+                                  "dispatch_gla_value_dim_1_bf16"])
 def test_fla_chunk_op_matches_our_chunk_path(fla_results, case):
     errors = dict(fla_results[case])
     tol = TOL[errors.pop("precision")]
+    assert "error" not in errors, f"{case} raised: {errors['error']}"
     assert {"o", "S", "dq", "dk", "dv", "ds0"} <= set(errors), f"missing comparisons: {sorted(errors)}"
     bad = {n: e for n, e in errors.items() if not e <= tol}
     assert not bad, f"{case}: relative errors above {tol}: {bad}"
