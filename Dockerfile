@@ -1,8 +1,9 @@
 # syntax=docker/dockerfile:1
-# Linear-MoE images.  `make image` builds both targets:
-#   docker build --target cpu -t linear-moe:cpu .   CPU-only torch 2.13.0 (the embedded default, CI, dev clusters)
-#   docker build --target gpu -t linear-moe:gpu .   PyTorch 2.13.0 / CUDA 13.0 devel base (the GPU overlay;
-#                                                   devel, because Triton JIT needs a host C compiler)
+# Linear-MoE images.  `make image` builds both targets (IMAGE ?= ghcr.io/linear-moe/linear-moe:0.1.0):
+#   docker build --target cpu -t $IMAGE .       CPU-only torch 2.13.0 (the embedded default, CI, dev clusters;
+#                                               pipelines/images.py PROJECT_IMAGE)
+#   docker build --target gpu -t $IMAGE-gpu .   PyTorch 2.13.0 / CUDA 13.0 devel base (the GPU overlay's tag
+#                                               0.1.0-gpu; devel, because Triton JIT needs a host C compiler)
 # Both install the project wheel under constraints.txt and run as the non-root user app (uid 1000).
 # No secrets are baked in: tokens arrive at run time from Kubernetes Secrets (see k8s/).
 

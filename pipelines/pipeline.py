@@ -48,6 +48,8 @@ DEFAULTS: dict[str, Any] = {
     "sequence_parallel": 1,
     "nodes": 1,
     "gpus_per_node": 0,
+    "cpu_per_node": "",  # Kubernetes quantities per TrainJob node; "" = unset (trainjob.build_trainjob)
+    "memory_per_node": "",
     "use_trainjob": False,
     "trainjob_image": PROJECT_IMAGE,
     "trainjob_namespace": "linear-moe",
@@ -174,6 +176,8 @@ def build_pipeline(options: ClusterOptions = ClusterOptions()):
         sequence_parallel: int = DEFAULTS["sequence_parallel"],
         nodes: int = DEFAULTS["nodes"],
         gpus_per_node: int = DEFAULTS["gpus_per_node"],
+        cpu_per_node: str = DEFAULTS["cpu_per_node"],
+        memory_per_node: str = DEFAULTS["memory_per_node"],
         use_trainjob: bool = DEFAULTS["use_trainjob"],
         trainjob_image: str = DEFAULTS["trainjob_image"],
         trainjob_namespace: str = DEFAULTS["trainjob_namespace"],

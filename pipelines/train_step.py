@@ -70,12 +70,14 @@ def extra_train_flags(config: TrainConfig) -> list[str]:
 
 @dataclass(frozen=True)
 class TrainJobTarget:
-    """Where a TrainJob runs: its name, image, size, namespace and the shared workspace PVC."""
+    """Where a TrainJob runs: its name, image, size and resources, namespace and the shared workspace PVC."""
 
     name: str  # TrainJob name (DNS-1035 label); also the run's folder under ``workspace``
     image: str  # image of the training pods
     nodes: int = 1
     gpus_per_node: int = 0  # 0 = CPU nodes, one process each
+    cpu_per_node: str = ""  # Kubernetes quantity ("32", "500m"), request = limit; "" = unset (build_trainjob)
+    memory_per_node: str = ""  # Kubernetes quantity ("400Gi"), request = limit; "" = unset
     namespace: str = "linear-moe"
     pvc: str = "linear-moe-workspace"  # mounted at ``workspace`` here and in the pods
     workspace: str = "/workspace"
@@ -103,7 +105,8 @@ def prepare_trainjob(config: TrainConfig, target: TrainJobTarget) -> tuple[dict[
         layout=layout, steps=config.steps, seq_length=config.seq_length, data_dir=config.data_dir,
         output_dir=config.output_dir, extra_args=extra_train_flags(config))
     manifest = trainjob.build_trainjob(target.name, target.image, target.nodes, target.gpus_per_node, command,
-                                       namespace=target.namespace, pvc=target.pvc)
+                                       namespace=target.namespace, pvc=target.pvc, cpu_per_node=target.cpu_per_node,
+                                       memory_per_node=target.memory_per_node)
     return manifest, trainjob.connect(target.kubeconfig)
 
 

@@ -28,6 +28,8 @@ TRAINER_CONTAINER = "node"  # the torch runtime's container and replicated job a
 JOBSET_LABEL = "jobset.sigs.k8s.io/jobset-name"  # pods of a TrainJob carry its name here
 PATCH_MANAGER = "linear-moe.io/launcher"
 _NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+# An unsigned (or "+") Kubernetes quantity: a number, then a binary/decimal SI suffix or a decimal exponent.
+_QUANTITY_RE = re.compile(r"^\+?(\d+(\.\d*)?|\.\d+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?\d+)?$")
 
 
 class TrainJobFailed(RuntimeError):
@@ -71,6 +73,16 @@ def procs_per_node(gpus_per_node: int) -> int:
     return max(gpus_per_node, 1)
 
 
+def resource_quantity(name: str, value: str) -> str:
+    """``value`` if it is a positive Kubernetes quantity ("32", "500m", "400Gi") or "" (unset); otherwise
+    ``ValueError`` naming the parameter ``name``."""
+    match = _QUANTITY_RE.match(value) if isinstance(value, str) else None
+    if value != "" and (not match or float(match.group(1)) == 0):
+        raise ValueError(f"{name} {value!r} is not a positive Kubernetes quantity; pass e.g. \"32\" or \"500m\" "
+                         f"(CPU), \"400Gi\" or \"64G\" (memory), or \"\" to leave it to the training runtime")
+    return value
+
+
 def validate_model(preset: str, lsm_mixer: str = "", layer_pattern: str = "") -> None:
     """Build the model config the job would train, so a bad preset/mixer/pattern fails here."""
     from linear_moe.model.config import preset as build_preset
@@ -105,12 +117,16 @@ def train_command(preset: str, *, lsm_mixer: str = "", layer_pattern: str = "", 
 
 def build_trainjob(name: str, image: str, nodes: int, gpus_per_node: int, command: list[str], *,
                    namespace: str = NAMESPACE, pvc: str = PVC, runtime: str = RUNTIME,
-                   runtime_kind: str = RUNTIME_KIND, cpu: str = "4", memory: str = "16Gi",
+                   runtime_kind: str = RUNTIME_KIND, cpu_per_node: str = "", memory_per_node: str = "",
                    env: dict[str, str] | None = None) -> dict[str, Any]:
     """A ``trainer.kubeflow.org/v1alpha1`` TrainJob manifest (a plain dict).
 
     ``nodes`` pods run ``max(gpus_per_node, 1)`` processes each; ``pvc`` is mounted at ``/workspace``
     (together with the runtime's emptyDirs, so the patch holds whether it merges or replaces).
+    ``resourcesPerNode`` holds ``cpu_per_node`` / ``memory_per_node`` (Kubernetes quantities, request =
+    limit) where given and the ``nvidia.com/gpu`` limit where ``gpus_per_node > 0``; with none of them it is
+    omitted and the runtime's own resources apply.  Kubeflow Trainer replaces the node container's whole
+    ``resources`` with a ``resourcesPerNode``, so a GPU job keeps CPU/memory requests only if given here.
     """
     if not isinstance(name, str) or not _NAME_RE.match(name) or len(name) > 63:
         raise ValueError(f"TrainJob name {name!r} must be a DNS-1035 label: lower case letters, digits and '-', "
@@ -122,10 +138,12 @@ def build_trainjob(name: str, image: str, nodes: int, gpus_per_node: int, comman
         raise ValueError(f"command must be a non-empty list of strings, got {command!r}")
     if not image:
         raise ValueError("image must name the training container image, e.g. pipelines.images.PROJECT_IMAGE")
-    resources: dict[str, dict[str, Any]] = {"requests": {"cpu": cpu, "memory": memory},
-                                            "limits": {"cpu": cpu, "memory": memory}}
+    requests: dict[str, Any] = {key: resource_quantity(name, value) for key, name, value in (
+        ("cpu", "cpu_per_node", cpu_per_node), ("memory", "memory_per_node", memory_per_node)) if value != ""}
+    limits: dict[str, Any] = dict(requests)
     if gpus_per_node:
-        resources["limits"]["nvidia.com/gpu"] = gpus_per_node
+        limits["nvidia.com/gpu"] = gpus_per_node
+    resources = {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
     node_patch = {
         "name": TRAINER_CONTAINER,
         "template": {"spec": {"template": {"spec": {
@@ -154,7 +172,7 @@ def build_trainjob(name: str, image: str, nodes: int, gpus_per_node: int, comman
                 "command": list(command),
                 "numNodes": nodes,
                 "numProcPerNode": procs,
-                "resourcesPerNode": resources,
+                **({"resourcesPerNode": resources} if resources else {}),
                 "env": [{"name": k, "value": v} for k, v in sorted((env or {}).items())],
             },
             "runtimePatches": [{"manager": PATCH_MANAGER,
@@ -318,7 +336,8 @@ def launch_and_wait(manifest: dict[str, Any], api: ClusterApi, poll_s: float = 1
 
 
 def run_trainjob(name: str, image: str, *, preset: str, lsm_mixer: str = "", layer_pattern: str = "",
-                 layout: ParallelLayout = ParallelLayout(), nodes: int = 1, gpus_per_node: int = 0, steps: int,
+                 layout: ParallelLayout = ParallelLayout(), nodes: int = 1, gpus_per_node: int = 0,
+                 cpu_per_node: str = "", memory_per_node: str = "", steps: int,
                  seq_length: int, data_dir: str, output_dir: str, namespace: str = NAMESPACE, pvc: str = PVC,
                  runtime: str = RUNTIME, kubeconfig: str | None = None, poll_s: float = 10.0,
                  timeout_s: float | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -331,6 +350,7 @@ def run_trainjob(name: str, image: str, *, preset: str, lsm_mixer: str = "", lay
     validate_model(preset, lsm_mixer, layer_pattern)
     command = train_command(preset, lsm_mixer=lsm_mixer, layer_pattern=layer_pattern, layout=layout, steps=steps,
                             seq_length=seq_length, data_dir=data_dir, output_dir=output_dir)
-    manifest = build_trainjob(name, image, nodes, gpus_per_node, command, namespace=namespace, pvc=pvc, runtime=runtime)
+    manifest = build_trainjob(name, image, nodes, gpus_per_node, command, namespace=namespace, pvc=pvc, runtime=runtime,
+                              cpu_per_node=cpu_per_node, memory_per_node=memory_per_node)
     api = connect(kubeconfig)
     return launch_and_wait(manifest, api, poll_s=poll_s, timeout_s=timeout_s, log=log)

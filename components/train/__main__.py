@@ -1,7 +1,9 @@
 """``python -m linear_moe.components.train`` / ``torchrun -m linear_moe.components.train``.
 
-Every TrainConfig field is a flag; ``--config FILE`` (JSON/YAML) supplies defaults that flags override.
-Model fields go through ``--model KEY=VALUE`` (repeatable), e.g. ``--model lsm_mixer=deltanet``.
+Every TrainConfig field except ``model_overrides`` is a flag (``--micro-batch-size 4``, ``--no-dvclive``);
+``model_overrides`` is the repeated ``--model KEY=VALUE``, e.g. ``--model lsm_mixer=deltanet``.
+Values come from the field defaults, then ``--config FILE`` (JSON/YAML), then ``--params params.yaml``
+(its ``train:`` section); flags override them all, and ``--model`` entries merge over the files' overrides.
 """
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ from linear_moe.components.train.config import TrainConfig
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m linear_moe.components.train", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="JSON or YAML file of TrainConfig fields (flags override it)")
-    p.add_argument("--params", help="params.yaml whose 'train:' section holds TrainConfig fields (flags override it)")
+    p.add_argument("--params", help="params.yaml whose 'train:' section holds TrainConfig fields (over --config; "
+                                     "flags override it)")
     p.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
                    help="ModelConfig override over the preset, value parsed as JSON when possible")
     comments = _field_comments()
@@ -27,13 +30,21 @@ def parser() -> argparse.ArgumentParser:
         if f.name == "model_overrides":
             continue
         flag = "--" + f.name.replace("_", "-")
+        # default=None marks "not given", so files keep their values; the help shows the field's own default.
+        text = f"{comments.get(f.name, '')} (default: {_field_default(f)!r})".lstrip().replace("%", "%%")
         if f.type in ("bool", bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                           help=comments.get(f.name, ""))
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             kind = {"int": int, "float": float, "str": str}.get(str(f.type), str)
-            p.add_argument(flag, dest=f.name, type=kind, default=None, help=comments.get(f.name, ""))
+            p.add_argument(flag, dest=f.name, type=kind, default=None, help=text)
     return p
+
+
+def _field_default(f: dataclasses.Field) -> object:
+    """The value a TrainConfig gets for ``f`` when nothing sets it."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
 
 
 def _field_comments() -> dict[str, str]:

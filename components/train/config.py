@@ -46,9 +46,9 @@ class TrainConfig:
     seed: int = 1234  # model init, data order
 
     # --- parallelism (world size = tp * pp * sp * dp, with ep dividing dp * tp * sp as in megatron) ---
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    expert_parallel: int = 1
+    tensor_parallel: int = 1  # tensor-parallel size
+    pipeline_parallel: int = 1  # pipeline-parallel size
+    expert_parallel: int = 1  # expert-parallel size (MoE experts sharded over dp x tp x sp ranks)
     sequence_parallel: int = 1  # LASP-2 sequence parallelism (megatron's context-parallel group) size
     recompute: str = "none"  # activation recomputation: none | full | selective (megatron's granularities)
     moe_grouped_gemm: bool = False  # megatron's grouped-GEMM experts (bf16 only, so GPU) instead of one MLP per expert

@@ -34,6 +34,8 @@ def train_component(
     use_trainjob: bool = False,
     nodes: int = 1,
     gpus_per_node: int = 0,
+    cpu_per_node: str = "",
+    memory_per_node: str = "",
     trainjob_image: str = "",
     trainjob_namespace: str = "linear-moe",
     workspace_pvc: str = "linear-moe-workspace",
@@ -46,7 +48,9 @@ def train_component(
     ``lsm_mixer`` and ``layer_pattern`` ("" = the preset's) override it in that order.  The cosine
     schedule decays from ``lr`` to ``lr / 10``.  With ``use_trainjob`` the run is a Kubeflow Trainer
     TrainJob of ``nodes`` x ``gpus_per_node`` that shares the ``workspace_pvc`` mounted at ``workspace``;
-    ``trainjob_image`` "" = the project image.
+    ``cpu_per_node`` / ``memory_per_node`` (Kubernetes quantities, "" = unset, see
+    :func:`linear_moe.pipelines.trainjob.build_trainjob`) size each node, and ``trainjob_image`` "" = the
+    project image.
     """
     import hashlib
 
@@ -69,7 +73,8 @@ def train_component(
         # The artifact URI is unique per task execution and stable across pod retries (which then resume).
         name = "linear-moe-train-" + hashlib.sha1(checkpoint.uri.encode()).hexdigest()[:10]
         target = TrainJobTarget(name=name, image=trainjob_image or PROJECT_IMAGE, nodes=nodes,
-                                gpus_per_node=gpus_per_node, namespace=trainjob_namespace, pvc=workspace_pvc,
+                                gpus_per_node=gpus_per_node, cpu_per_node=cpu_per_node,
+                                memory_per_node=memory_per_node, namespace=trainjob_namespace, pvc=workspace_pvc,
                                 workspace=workspace)
     for key, value in run_train_step(config, checkpoint.path, target).items():
         metrics.log_metric(key, value)

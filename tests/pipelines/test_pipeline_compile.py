@@ -115,6 +115,25 @@ def test_train_component_workspace_defaults_match_the_launcher(compiled):
     assert mount["pvcNameParameter"] == {"componentInputParameter": "workspace_pvc"}
 
 
+def test_train_component_leaves_node_resources_to_the_runtime_by_default(compiled):
+    """CPU/memory per TrainJob node are pipeline parameters wired to the train step, empty by default
+    (as in the launcher), so the TrainJob does not override the runtime's resources unless asked."""
+    import dataclasses
+
+    from linear_moe.pipelines import train_step
+
+    spec, _ = compiled
+    declared = spec["components"]["comp-train-component"]["inputDefinitions"]["parameters"]
+    wired = spec["root"]["dag"]["tasks"]["train-component"]["inputs"]["parameters"]
+    target_defaults = {f.name: f.default for f in dataclasses.fields(train_step.TrainJobTarget)}
+    builder_defaults = inspect.signature(trainjob.build_trainjob).parameters
+    for name in ("cpu_per_node", "memory_per_node"):
+        assert declared[name]["parameterType"] == "STRING"
+        assert declared[name].get("defaultValue", "") == pl.DEFAULTS[name] == ""
+        assert target_defaults[name] == builder_defaults[name].default == ""
+        assert wired[name] == {"componentInputParameter": name}
+
+
 def test_placement_resources_caching_and_gpu(tmp_path):
     options = pl.ClusterOptions()
     options.resources["train"] = pl.Resources(gpus=4)

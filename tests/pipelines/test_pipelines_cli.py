@@ -21,8 +21,22 @@ def test_help_lists_the_three_commands():
 def test_every_pipeline_parameter_is_a_flag():
     args = cli.parser().parse_args(["run-local"])
     assert cli._arguments(args) == pl.DEFAULTS
-    args = cli.parser().parse_args(["submit", "--host", "http://x", "--tensor-parallel", "2", "--use-trainjob"])
-    assert cli._arguments(args) == {**pl.DEFAULTS, "tensor_parallel": 2, "use_trainjob": True}
+    args = cli.parser().parse_args(["submit", "--host", "http://x", "--tensor-parallel", "2", "--use-trainjob",
+                                    "--cpu-per-node", "32", "--memory-per-node", "400Gi"])
+    assert cli._arguments(args) == {**pl.DEFAULTS, "tensor_parallel": 2, "use_trainjob": True, "cpu_per_node": "32",
+                                    "memory_per_node": "400Gi"}
+
+
+@pytest.mark.parametrize("command", [["compile"], ["run-local"], ["submit", "--host", "http://x"]])
+def test_help_states_each_default_once(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.parser().parse_args([*command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: True)" not in text
+    if command != ["run-local"]:
+        assert "disable KFP caching of every step (default: caching on)" in text
+    if command[0] == "submit":
+        assert text.count("default: KFP's") == 1 and text.count("the client's own auth") == 1
 
 
 def _closed_port() -> int:
@@ -46,7 +60,9 @@ def test_submit_unreachable_host_is_a_clear_error(monkeypatch, capsys, valid_mix
     (["--expert-parallel", "16", "--nodes", "1", "--gpus-per-node", "8"], "expert_parallel"),
     (["--model-overrides", "{hidden_size: 8"], "is not valid JSON"),
     (["--model-overrides", '{"hidden_sise": 8}'], "hidden_sise"),
-], ids=["preset", "pattern", "tp", "ep", "json", "field"])
+    (["--cpu-per-node", "abc"], "cpu_per_node 'abc' is not a positive Kubernetes quantity"),
+    (["--memory-per-node", "16GB"], "memory_per_node '16GB'"),
+], ids=["preset", "pattern", "tp", "ep", "json", "field", "cpu", "memory"])
 def test_submit_rejects_bad_parameters_before_contacting_the_host(capsys, valid_mixer, argv, match):
     host = f"http://127.0.0.1:{_closed_port()}"  # never reached: validation comes first
     assert cli.main(["submit", "--host", host, "--lsm-mixer", valid_mixer, *argv]) == 2

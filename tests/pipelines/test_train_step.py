@@ -27,6 +27,35 @@ def test_trainjob_command_parses_back_to_the_same_config(valid_mixer):
     assert config_from_args(command[3:]) == config
 
 
+@pytest.mark.parametrize("cpu,memory,gpus", [("", "", 0), ("32", "400Gi", 8)], ids=["runtime-default", "sized"])
+def test_prepare_trainjob_sizes_nodes_from_the_target(monkeypatch, valid_mixer, cpu, memory, gpus):
+    """The target's CPU/memory reach the manifest; left empty, the runtime's own resources apply."""
+    monkeypatch.setattr(trainjob, "connect", lambda kubeconfig=None: "api")
+    config = TrainConfig(model_overrides={"lsm_mixer": valid_mixer}, data_dir="/workspace/j/data",
+                         output_dir="/workspace/j/train", micro_batch_size=1, global_batch_size=8)
+    target = train_step.TrainJobTarget(name="lm-run", image="img:1", gpus_per_node=gpus, cpu_per_node=cpu,
+                                       memory_per_node=memory)
+    manifest, api = train_step.prepare_trainjob(config, target)
+    assert api == "api"
+    resources = manifest["spec"]["trainer"].get("resourcesPerNode")
+    if gpus:
+        assert resources == {"requests": {"cpu": cpu, "memory": memory},
+                             "limits": {"cpu": cpu, "memory": memory, "nvidia.com/gpu": gpus}}
+    else:
+        assert resources is None
+
+
+def test_prepare_trainjob_rejects_a_bad_quantity_before_connecting(monkeypatch, valid_mixer):
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("connect() must not be reached when the request is invalid")
+
+    monkeypatch.setattr(trainjob, "connect", no_cluster)
+    config = TrainConfig(model_overrides={"lsm_mixer": valid_mixer})
+    target = train_step.TrainJobTarget(name="lm-run", image="img:1", cpu_per_node="abc")
+    with pytest.raises(ValueError, match="cpu_per_node 'abc'"):
+        train_step.prepare_trainjob(config, target)
+
+
 def test_model_overrides_later_sources_win():
     overrides = train_step.model_overrides('{"vocab_size": 512, "hidden_size": 32, "lsm_mixer": "x"}',
                                            lsm_mixer="gla", layer_pattern="LLA", vocab_size=300)

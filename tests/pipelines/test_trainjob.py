@@ -26,15 +26,48 @@ def crd_schemas():
 
 
 # ---------------------------------------------------------------------- manifest
-@pytest.mark.parametrize("nodes,gpus", [(1, 0), (2, 8), (4, 1)], ids=["N1-cpu", "N2-G8", "N4-G1"])
-def test_manifest_matches_trainjob_crd_schema(crd_schemas, nodes, gpus):
-    manifest = tj.build_trainjob("lm-run-1", "ghcr.io/linear-moe/linear-moe:0.1.0", nodes, gpus, COMMAND)
+@pytest.mark.parametrize("nodes,gpus,cpu,memory", [(1, 0, "", ""), (2, 8, "32", "400Gi"), (4, 1, "", ""),
+                                                   (1, 0, "500m", ""), (2, 8, "", "64G")],
+                         ids=["N1-cpu", "N2-G8-sized", "N4-G1", "N1-cpu-500m", "N2-G8-memory"])
+def test_manifest_matches_trainjob_crd_schema(crd_schemas, nodes, gpus, cpu, memory):
+    manifest = tj.build_trainjob("lm-run-1", "ghcr.io/linear-moe/linear-moe:0.1.0", nodes, gpus, COMMAND,
+                                 cpu_per_node=cpu, memory_per_node=memory)
     validate_custom_resource(manifest, crd_schemas, strict=True)
     trainer = manifest["spec"]["trainer"]
     assert (trainer["numNodes"], trainer["numProcPerNode"]) == (nodes, max(gpus, 1))
-    assert trainer["resourcesPerNode"]["limits"].get("nvidia.com/gpu", 0) == gpus
+    resources = trainer.get("resourcesPerNode", {})
+    assert resources.get("limits", {}).get("nvidia.com/gpu", 0) == gpus
+    given = {key: value for key, value in (("cpu", cpu), ("memory", memory)) if value}
+    assert resources.get("requests", {}) == given
+    assert {k: v for k, v in resources.get("limits", {}).items() if k != "nvidia.com/gpu"} == given
     assert manifest["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime",
                                               "name": "linear-moe-torch-distributed"}
+
+
+def test_manifest_leaves_resources_to_the_runtime_by_default():
+    """No CPU/memory given: a CPU job has no resourcesPerNode (the runtime's resources apply); a GPU job
+    carries only its GPU limit."""
+    assert "resourcesPerNode" not in tj.build_trainjob("lm-run", "img:1", 2, 0, COMMAND)["spec"]["trainer"]
+    gpu = tj.build_trainjob("lm-run", "img:1", 2, 8, COMMAND)["spec"]["trainer"]["resourcesPerNode"]
+    assert gpu == {"limits": {"nvidia.com/gpu": 8}}
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(cpu_per_node="abc"), "cpu_per_node"), (dict(cpu_per_node="-2"), "cpu_per_node"),
+    (dict(cpu_per_node="0"), "cpu_per_node"), (dict(memory_per_node="16GB"), "memory_per_node"),
+    (dict(memory_per_node="400 Gi"), "memory_per_node"), (dict(memory_per_node=400), "memory_per_node"),
+])
+def test_manifest_rejects_bad_quantities_naming_the_parameter(kwargs, name):
+    with pytest.raises(ValueError, match=rf"^{name} .* is not a positive Kubernetes quantity"):
+        tj.build_trainjob("ok", "img:1", 1, 8, COMMAND, **kwargs)
+
+
+@pytest.mark.parametrize("value", ["32", "500m", "400Gi", "64G", "1.5", ".5", "1e3", "+2", "2Ki"])
+def test_resource_quantity_accepts_kubernetes_quantities(crd_schemas, value):
+    """Reference: the quantity pattern of the Trainer CRD's resourcesPerNode."""
+    assert tj.resource_quantity("cpu_per_node", value) == value
+    manifest = tj.build_trainjob("ok", "img:1", 1, 0, COMMAND, cpu_per_node=value, memory_per_node=value)
+    validate_custom_resource(manifest, crd_schemas, strict=True)
 
 
 def test_manifest_runtime_exists_in_k8s_base():
@@ -113,7 +146,8 @@ def test_parallel_layout_check_matches_train_config(valid_mixer):
     (dict(preset="tiny", lsm_mixer="no-such-mixer"), "lsm_mixer"),
     (dict(preset="tiny", layout=tj.ParallelLayout(tensor_parallel=3), nodes=2, gpus_per_node=4), "is not divisible by"),
     (dict(preset="tiny", layout=tj.ParallelLayout(expert_parallel=16), nodes=1, gpus_per_node=8), "expert_parallel"),
-], ids=["preset", "pattern", "mixer", "tp", "ep"])
+    (dict(preset="tiny", nodes=1, gpus_per_node=8, memory_per_node="lots"), "memory_per_node"),
+], ids=["preset", "pattern", "mixer", "tp", "ep", "memory"])
 def test_run_trainjob_fails_before_touching_the_cluster(monkeypatch, valid_mixer, kwargs, match):
     def no_cluster(*args, **kw):
         raise AssertionError("connect() must not be reached when the request is invalid")
