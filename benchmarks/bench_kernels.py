@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import cuda_seconds, write_json_atomic
+from linear_moe.kernels.backend import fla_gated_backward_refused
 
 Inputs = dict[str, Any]
 ROLES = ("chunk", "naive", "quadratic", "fla", "fla_direct", "sdpa")
@@ -142,12 +143,19 @@ def _gla_spec() -> OpSpec:
         return Case(f"{backend}_{variant}", role, variant, build, devices=devices)
 
     def fla_direct(variant: str) -> Case:
+        """The fla op our dispatch calls, called directly (``chunk_gla`` for scalar decay too where fla
+        refuses ``chunk_simple_gla``'s backward: ``kernels.backend.fla_gated_backward_refused``)."""
         def build(x: Inputs):
-            if variant == "diagonal":
-                from fla.ops.gla import chunk_gla as op
-            else:
-                from fla.ops.simple_gla import chunk_simple_gla as op
-            return lambda: op(x["q"], x["k"], x["v"], g=x["g"], output_final_state=True)
+            if variant == "diagonal" or fla_gated_backward_refused():
+                from fla.ops.gla import chunk_gla
+
+                if variant == "diagonal":
+                    return lambda: chunk_gla(x["q"], x["k"], x["v"], g=x["g"], output_final_state=True)
+                return lambda: chunk_gla(x["q"], x["k"], x["v"], g=x["g"][..., None].expand(x["q"].shape).contiguous(),
+                                         output_final_state=True)
+            from fla.ops.simple_gla import chunk_simple_gla
+
+            return lambda: chunk_simple_gla(x["q"], x["k"], x["v"], g=x["g"], output_final_state=True)
 
         return Case(f"fla_direct_{variant}", "fla_direct", variant, build, devices=("cuda",))
 
@@ -186,7 +194,14 @@ def _delta_rule_spec() -> OpSpec:
         return Case(f"{backend}_{variant}", role, variant, build, devices=devices)
 
     def fla_direct(variant: str) -> Case:
+        """The fla op our dispatch calls, called directly (``chunk_kda`` for the gated rule where fla
+        refuses ``chunk_gated_delta_rule``'s backward)."""
         def build(x: Inputs):
+            if variant == "gated" and fla_gated_backward_refused():
+                from fla.ops.kda import chunk_kda
+
+                return lambda: chunk_kda(x["q"], x["k"], x["v"], x["g"][..., None].expand(x["q"].shape).contiguous(),
+                                         x["beta"], output_final_state=True)
             if variant == "gated":
                 from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
