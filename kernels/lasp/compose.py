@@ -99,7 +99,7 @@ def _load_transition(a, r, i_nh, NH, K: tl.constexpr, BK: tl.constexpr, MATRIX: 
 def _prefix_compose_fwd_kernel(a, b, s0, states, W, NH, K: tl.constexpr, V: tl.constexpr,
                                BK: tl.constexpr, BV: tl.constexpr, MATRIX: tl.constexpr):
     """One program per (n, h): walk the W chunks in order, storing each incoming state."""
-    i_nh = tl.program_id(0)
+    i_nh = tl.program_id(0).to(tl.int64)  # int64 offsets: (W+1)*N*H*K*V may pass 2^31
     rk, rv = tl.arange(0, BK), tl.arange(0, BV)
     kv = rk[:, None] * V + rv[None, :]
     m_kv = (rk[:, None] < K) & (rv[None, :] < V)
@@ -119,7 +119,7 @@ def _prefix_compose_fwd_kernel(a, b, s0, states, W, NH, K: tl.constexpr, V: tl.c
 def _suffix_compose_bwd_kernel(a, states, d_states, d_a, d_b, d_s0, W, NH, K: tl.constexpr, V: tl.constexpr,
                                BK: tl.constexpr, BV: tl.constexpr, MATRIX: tl.constexpr):
     """One program per (n, h): walk the chunks backwards, G_r = dS_r + a_r^T G_{r+1}."""
-    i_nh = tl.program_id(0)
+    i_nh = tl.program_id(0).to(tl.int64)  # int64 offsets: (W+1)*N*H*K*V may pass 2^31
     rk, rv = tl.arange(0, BK), tl.arange(0, BV)
     kv = rk[:, None] * V + rv[None, :]
     m_kv = (rk[:, None] < K) & (rv[None, :] < V)

@@ -91,7 +91,7 @@ def _triton_backward(d_out, q, gcum, s, scale):
 def _correction_fwd_kernel(o, q, g, s, out, T, H, scale, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                            BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr):
     """Grid (T blocks, B * H): out = o + scale * (q * exp(g)) @ S for one (BT, V) tile."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_t, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64 offsets: B*T*H*K may pass 2^31
     i_b, i_h = i_bh // H, i_bh % H
     rt = i_t * BT + tl.arange(0, BT)
     rk, rv = tl.arange(0, BK), tl.arange(0, BV)
@@ -113,7 +113,7 @@ def _correction_fwd_kernel(o, q, g, s, out, T, H, scale, K: tl.constexpr, V: tl.
 def _correction_bwd_kernel(d_out, q, g, s, d_q, d_g, d_s, T, H, scale, K: tl.constexpr, V: tl.constexpr,
                            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr):
     """Grid (B * H,): per T block d_qd = scale * dO S^T; accumulate dS = scale * sum (q * exp(g))^T dO."""
-    i_bh = tl.program_id(0)
+    i_bh = tl.program_id(0).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     rk, rv = tl.arange(0, BK), tl.arange(0, BV)
     m_kv = (rk[:, None] < K) & (rv[None, :] < V)
