@@ -4,7 +4,11 @@
 # repository root; results land in $OUT (default benchmarks/results/gpu):
 #
 #     bash benchmarks/gpu_suite.sh                          # all steps: about 9.5 minutes at most
-#     SUITE_STEPS="gpu_tests kernels" bash benchmarks/gpu_suite.sh    # a subset, e.g. one device call each
+#     SUITE_STEPS="gpu_tests kernels" bash benchmarks/gpu_suite.sh    # a subset
+#
+# With the device tool (10-minute calls, the machine released after 30 s idle): two back-to-back calls,
+# SUITE_STEPS="gpu_tests kernels" (<= 5.5 min) then SUITE_STEPS="sp train" (<= 4 min), so the second
+# one finds the first one's Triton cache.
 #
 #   gpu_tests.log                    pytest tests/gpu (megatron optimizer, bf16, recompute, resume, grouped GEMM)
 #   kernels_gpu.json / kernels.log   benchmarks.bench_kernels: forward+backward, bf16, B=4 H=8 D=128 (the
