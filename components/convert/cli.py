@@ -6,7 +6,6 @@ Values come from, in rising priority: the defaults of :func:`convert`, the ``con
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 from pathlib import Path
 
@@ -38,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "latest complete checkpoint is taken; hf-to-mcore: a Hugging Face model directory (required)")
     p.add_argument("--output", help="directory to write, replaced atomically: the Hugging Face model "
                    "(mcore-to-hf) or the checkpoint step directory with model/ and train_state.json "
-                   "(hf-to-mcore) (required)")
+                   "(hf-to-mcore) (required); an existing one must be empty or a previous output of the same direction "
+                   "(holding config.json, resp. train_state.json)")
     p.add_argument("--tokenizer-dir", help="mcore-to-hf: directory with tokenizer.json (the tokenize step's "
                    "<dataset>/tokenizer) copied next to the weights (default: none, weights only)")
     p.add_argument("--shard-size", help="mcore-to-hf: largest safetensors file, e.g. 500MB or 2GB; bigger "
@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_section(path: Path) -> dict:
-    """The ``convert:`` section of a params YAML file, checked against :func:`convert`'s arguments."""
-    return params.load_section(path, SECTION, inspect.signature(convert).parameters)
+    """The ``convert:`` section of a params YAML file, checked against :func:`convert`'s arguments and their types."""
+    return params.load_section(path, SECTION, convert)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ the tokenizer files, and loads with ``AutoModelForCausalLM.from_pretrained`` onc
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,29 @@ INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "chat_template.jinja")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SHARD_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*(TB|GB|MB|KB)\s*$", re.IGNORECASE)  # what save_pretrained parses
+
+
+def check_write_options(shard_size: str | int, dtype: str) -> None:
+    """Raise naming the option when ``shard_size`` or ``dtype`` would be refused (before the slow part)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: use one of {sorted(DTYPES)}")
+    if isinstance(shard_size, str):
+        valid = bool(_SHARD_SIZE.match(shard_size)) and float(shard_size.strip()[:-2]) > 0
+    else:
+        valid = isinstance(shard_size, int) and not isinstance(shard_size, bool) and shard_size > 0
+    if not valid:
+        raise ValueError(f"shard_size={shard_size!r}: use a positive number of bytes or a size with a unit "
+                         "KB, MB, GB or TB, e.g. 500MB or 2GB")
+
+
+#: keys of a config.json that are Hugging Face's own, not ModelConfig fields (saved by save_pretrained)
+HF_CONFIG_KEYS = frozenset({
+    "_name_or_path", "architectures", "auto_map", "model_type", "transformers_version", "dtype", "torch_dtype",
+    "head_dim", "tie_word_embeddings", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id",
+    "sep_token_id", "decoder_start_token_id", "return_dict", "output_attentions", "output_hidden_states",
+    "is_encoder_decoder", "problem_type", "id2label", "label2id", "chunk_size_feed_forward",
+})
 
 
 def tied_keys(model_config: ModelConfig) -> set[str]:
@@ -46,17 +70,39 @@ def expected_shapes(model_config: ModelConfig) -> dict[str, torch.Size]:
 def read_hf_dir(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """``(model_config, state_dict)`` of a Hugging Face directory; tied views dropped, names/shapes checked."""
     from safetensors.torch import load_file
+    from transformers import PretrainedConfig
 
     from linear_moe.model.modeling import LinearMoEConfig
 
     hf_dir = Path(hf_dir)
-    if not (hf_dir / "config.json").is_file():
+    config_file = hf_dir / "config.json"
+    if not config_file.is_file():
         raise ValueError(f"{hf_dir}: config.json is missing; expected a Hugging Face model directory")
-    model_config = LinearMoEConfig.from_pretrained(str(hf_dir)).to_model_config()
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config_file}: not valid JSON ({err}); restore the file written by the convert step "
+                         "or save_pretrained()") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_file}: expected a JSON object of model settings, got {type(raw).__name__}")
+    hf_keys = HF_CONFIG_KEYS | set(PretrainedConfig().to_dict())  # this transformers version's generic keys
+    unknown = sorted(set(raw) - set(ModelConfig.__dataclass_fields__) - hf_keys)
+    if unknown:
+        raise ValueError(f"{config_file}: unknown key(s) {unknown}; a Linear-MoE config.json holds ModelConfig "
+                         f"fields {sorted(ModelConfig.__dataclass_fields__)}: fix or remove them")
+    try:
+        model_config = LinearMoEConfig.from_pretrained(str(hf_dir)).to_model_config()
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"{config_file}: not a valid Linear-MoE model config ({type(err).__name__}: {err}); "
+                         "fix the named field") from None
     files, weight_map = _weight_files(hf_dir)
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
-        tensors.update(load_file(str(hf_dir / name)))
+        try:
+            tensors.update(load_file(str(hf_dir / name)))
+        except Exception as err:  # safetensors raises its own SafetensorError for a truncated/corrupt file
+            raise ValueError(f"{hf_dir / name}: cannot read the weights ({type(err).__name__}: {err}); the file "
+                             "is truncated or corrupt: copy the model directory again") from None
     if weight_map is not None:
         absent = sorted(set(weight_map) - set(tensors))
         if absent:
@@ -94,7 +140,11 @@ def check_tokenizer(tokenizer_dir: str | Path, vocab_size: int):
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise ValueError(f"tokenizer_dir {tokenizer_dir}: tokenizer.json is missing; pass the tokenize step's "
                          "output '<dataset>/tokenizer' (or omit tokenizer_dir to export weights only)")
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
+    except Exception as err:  # tokenizers / json raise their own types for a corrupt file
+        raise ValueError(f"tokenizer_dir {tokenizer_dir}: cannot load the tokenizer ({type(err).__name__}: {err}); "
+                         "pass the tokenize step's intact '<dataset>/tokenizer'") from None
     if len(tokenizer) > vocab_size:
         raise ValueError(f"tokenizer_dir {tokenizer_dir}: the tokenizer has {len(tokenizer)} tokens but the "
                          f"model's vocab_size is {vocab_size}; use the tokenizer the model was trained with")
@@ -106,8 +156,7 @@ def write_hf_dir(out_dir: Path, model_config: ModelConfig, state_dict: dict[str,
     """Write config, safetensors (sharded above ``shard_size``), generation config and tokenizer files."""
     from transformers import GenerationConfig
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: use one of {sorted(DTYPES)}")
+    check_write_options(shard_size, dtype)
     check_names_and_shapes(expected_shapes(model_config), state_dict, "converted state dict")
     tokenizer = check_tokenizer(tokenizer_dir, model_config.vocab_size) if tokenizer_dir is not None else None
     model = _meta_model(model_config)

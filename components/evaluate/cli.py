@@ -6,7 +6,6 @@ of ``--params`` (a params.yaml whose keys are the argument names), then the flag
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 from pathlib import Path
@@ -69,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_section(path: Path) -> dict:
-    """The ``evaluate:`` section of a params YAML file, checked against :func:`evaluate`'s arguments."""
-    return params.load_section(path, SECTION, inspect.signature(evaluate).parameters)
+    """The ``evaluate:`` section of a params YAML file, checked against :func:`evaluate`'s arguments and their types."""
+    return params.load_section(path, SECTION, evaluate)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """The entry function of the evaluate step: :func:`evaluate`.
 
-Output directory (every file written atomically; the directory itself is reused)::
+Output directory (the directory itself is reused; every artifact is computed before any is written,
+then each file is replaced atomically, so a failed run leaves the previous run's artifacts)::
 
     tasks/          built-in lm-eval task YAMLs + their JSON-lines data (see tasks.py)
     results.json    lm-eval's results dict (results, configs, versions, n-shot, n-samples, ...)
@@ -87,43 +88,50 @@ def evaluate(
     task_names = parse_tasks(tasks)
     _check_args(batch_size=batch_size, num_samples=num_samples, sample_tokens=sample_tokens,
                 max_length=max_length, limit=limit, bootstrap_iters=bootstrap_iters)
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir {out} exists and is not a directory; remove it or choose another directory")
     model_path = inputs.resolve_model_dir(model_dir)
     test_path = inputs.resolve_test_data(test_data)
     tokenizer_path = inputs.resolve_tokenizer_dir(tokenizer, model_path, test_data)
     train_records = inputs.read_train_metrics(train_metrics) if train_metrics is not None else []
     docs = read_documents(test_path, text_field)
 
-    out = Path(output_dir)
+    from linear_moe.components.evaluate import harness, report
+    from linear_moe.components.evaluate.samples import generate_samples
+
+    # everything that can fail on bad input fails here, before output_dir is touched (tasks/ aside)
+    tok = inputs.load_tokenizer(tokenizer_path)
+    model = inputs.load_model(model_path)
+    model_config = json.loads((model_path / "config.json").read_text())
     tasks_dir = out / TASKS_DIR
     tasks_dir.mkdir(parents=True, exist_ok=True)
     builtin = write_suite(docs, tasks_dir, seed=seed, source=f"test data {test_path}") if BUILTIN in task_names else []
     run_names = [n for name in task_names for n in (builtin if name == BUILTIN else [name])]
+    manager = harness.make_task_manager(tasks_dir, [n for n in run_names if n not in builtin])  # names unknown/offline
 
-    from linear_moe.components.evaluate import harness, report
-    from linear_moe.components.evaluate.samples import generate_samples
-
-    model = inputs.load_model(model_path)
-    tok = inputs.load_tokenizer(tokenizer_path)
     results = harness.run_lm_eval(model, tok, run_names, tasks_dir, builtin_tasks=builtin, batch_size=batch_size,
-                                  limit=limit, seed=seed, max_length=max_length, bootstrap_iters=bootstrap_iters)
+                                  limit=limit, seed=seed, max_length=max_length, bootstrap_iters=bootstrap_iters,
+                                  task_manager=manager)
     results = json.loads(json.dumps(results, default=harness.json_default))  # what results.json holds
     rows = harness.metric_rows(results)
     metrics = harness.flat_metrics(results)
-    atomic_write_json(out / RESULTS_FILE, results)
-    atomic_write_json(out / METRICS_FILE, metrics)
-    atomic_write_text(out / TABLE_FILE, report.markdown_table(rows))
-
     samples = generate_samples(model, tok, docs, num_samples=num_samples, max_new_tokens=sample_tokens)
-    atomic_write_json(out / SAMPLES_FILE, samples)
-
-    plots = report.write_plots(out / PLOTS_DIR, rows, train_records)
+    rendered = report.render_plots(rows, train_records)
+    plots = {name: png for name, png in rendered.items() if png is not None}
     summary = {"model": model_path, "tokenizer": tokenizer_path, "test data": f"{test_path} ({len(docs)} documents)",
                "tasks": ", ".join(run_names), "limit": limit, "seed": seed,
                "lm-eval": results.get("lm_eval_version", ""), "training records": len(train_records)}
-    model_config = json.loads((model_path / "config.json").read_text())
-    atomic_write_text(out / REPORT_FILE, report.render_html(
-        title=f"Linear-MoE evaluation: {model_path.name}", rows=rows, plots=plots, samples=samples,
-        model_config=model_config, summary=summary))
+    html = report.render_html(title=f"Linear-MoE evaluation: {model_path.name}", rows=rows, plots=plots,
+                              samples=samples, model_config=model_config, summary=summary)
+
+    # every artifact is computed: only now replace the previous run's files (each one atomically)
+    atomic_write_json(out / RESULTS_FILE, results)
+    atomic_write_json(out / METRICS_FILE, metrics)
+    atomic_write_text(out / TABLE_FILE, report.markdown_table(rows))
+    atomic_write_json(out / SAMPLES_FILE, samples)
+    report.write_plots(out / PLOTS_DIR, rows, train_records, rendered)
+    atomic_write_text(out / REPORT_FILE, html)
     return EvaluateResult(out, metrics, results)
 
 

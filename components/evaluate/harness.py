@@ -46,16 +46,16 @@ def make_task_manager(tasks_dir: Path, standard_tasks: Sequence[str], include_de
 
 def run_lm_eval(model, tokenizer, tasks: Sequence[str], tasks_dir: Path, *, builtin_tasks: Sequence[str],
                 batch_size: int = 8, limit: int | float | None = None, seed: int = 1234,
-                max_length: int | None = None, bootstrap_iters: int = 100000) -> dict:
+                max_length: int | None = None, bootstrap_iters: int = 100000, task_manager=None) -> dict:
     """``lm_eval.simple_evaluate`` of ``model`` on ``tasks``; returns lm-eval's results dict
     (``results``, ``configs``, ``versions``, ``n-shot``, ``higher-is-better``, ``n-samples``, ...)
-    without per-sample logs. ``max_length=None`` uses the model config's ``max_position_embeddings``."""
+    without per-sample logs. ``max_length=None`` uses the model config's ``max_position_embeddings``.
+    ``task_manager``: one :func:`make_task_manager` already built (and checked) for these tasks."""
     _offline_env()
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    standard = [t for t in tasks if t not in builtin_tasks]
-    manager = make_task_manager(tasks_dir, standard)
+    manager = task_manager or make_task_manager(tasks_dir, [t for t in tasks if t not in builtin_tasks])
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu",
               max_length=max_length or getattr(model.config, "max_position_embeddings", None))
     results = lm_eval.simple_evaluate(

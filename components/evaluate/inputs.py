@@ -71,8 +71,9 @@ def load_model(model_dir: Path):
 
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"model_dir {model_dir}: cannot load the model ({err})") from None
+    except Exception as err:  # transformers, safetensors and torch raise many types for a damaged directory
+        raise ValueError(f"model_dir {model_dir}: cannot load the model ({type(err).__name__}: {err}); its files are "
+                         "missing, truncated or corrupt: rerun the convert step into it") from None
     return model.eval()
 
 
@@ -81,8 +82,10 @@ def load_tokenizer(tokenizer_dir: Path):
 
     try:
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"tokenizer {tokenizer_dir}: cannot load the tokenizer ({err})") from None
+    except Exception as err:  # transformers and tokenizers raise many types for damaged files
+        raise ValueError(f"tokenizer {tokenizer_dir}: cannot load the tokenizer ({type(err).__name__}: {err}); its "
+                         "files are damaged: pass an intact tokenizer directory (the tokenize output's tokenizer/)") \
+            from None
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer {tokenizer_dir}: has no eos token (set eos_token in tokenizer_config.json)")
     return tok
@@ -97,10 +100,28 @@ def read_train_metrics(train_metrics: str | Path) -> list[dict]:
         raise ValueError(f"train_metrics {path}: no such file (pass the train step's {METRICS_FILE} "
                          "or its output directory)")
     records = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for line_no, line in enumerate(read_text_lines(path, "train_metrics"), 1):
         if line.strip():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"train_metrics {path}, line {line_no}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"train_metrics {path}, line {line_no}: expected a JSON object such as "
+                                 f'{{"step": 1, "loss": 2.5}}, got {type(record).__name__}; pass the train step\'s '
+                                 f"{METRICS_FILE}")
+            records.append(record)
     return records
+
+
+def read_text_lines(path: Path, what: str) -> list[str]:
+    """The lines of a UTF-8 text file; invalid UTF-8 is an error naming ``what``, the file and the line."""
+    lines = []
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                lines.append(raw.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{what} {path}, line {line_no}: not UTF-8 (invalid byte 0x{raw[err.start]:02x} at "
+                                 f"column {err.start + 1}); re-encode the file as UTF-8") from None
+    return lines

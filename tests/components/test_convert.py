@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -245,6 +246,81 @@ def test_incomplete_checkpoint_is_not_taken(tmp_path):
     (tmp_path / "run" / "checkpoints" / "step_0000004" / "model").mkdir(parents=True)  # no train_state.json
     with pytest.raises(ValueError, match="no complete checkpoint"):
         convert(tmp_path / "run", tmp_path / "out")
+
+
+def _fake_step(root: Path, state_text: str) -> Path:
+    """A step directory that passes resolve_checkpoint, with ``state_text`` as its train_state.json."""
+    step = root / "checkpoints" / "step_0000001"
+    (step / "model").mkdir(parents=True)
+    (step / "model" / "metadata.json").write_text("{}")
+    (step / "train_state.json").write_text(state_text)
+    return step
+
+
+def test_damaged_checkpoint_inputs_are_errors_naming_the_file(tmp_path):
+    """A truncated train_state.json, a corrupt tokenizer.json, a bad shard_size or dtype: a ValueError
+    naming the file or option, raised before any output is written."""
+    step = _fake_step(tmp_path / "run", '{"step": ')
+    with pytest.raises(ValueError, match=re.escape(f"{step / 'train_state.json'}: cannot read")):
+        convert(tmp_path / "run", tmp_path / "out")
+    (step / "train_state.json").write_text(json.dumps({"model_config": preset("tiny").to_dict(), "step": 1}))
+    _tokenizer_dir(tmp_path / "tok", 16)
+    (tmp_path / "tok" / "tokenizer.json").write_text('{"version": ')
+    with pytest.raises(ValueError, match=re.escape(f"tokenizer_dir {tmp_path / 'tok'}: cannot load the tokenizer")):
+        convert(tmp_path / "run", tmp_path / "out", tmp_path / "tok")
+    with pytest.raises(ValueError, match=r"shard_size='2XB': use a positive number of bytes"):
+        convert(tmp_path / "nowhere", tmp_path / "out", shard_size="2XB")  # checked before the checkpoint
+    with pytest.raises(ValueError, match=r"dtype='fp8'"):
+        convert(tmp_path / "nowhere", tmp_path / "out", dtype="fp8")
+    assert not (tmp_path / "out").exists()
+
+
+def test_damaged_hf_dir_is_an_error_naming_the_file(small_hf_dir, tmp_path):
+    """config.json that is not JSON, has an unknown key or a wrongly typed field, and a truncated
+    safetensors shard: each a ValueError naming the file, never a traceback from transformers."""
+    config_file = small_hf_dir / "config.json"
+    good = json.loads(config_file.read_text())
+    config_file.write_text('{"model_type": ')
+    with pytest.raises(ValueError, match=re.escape(f"{config_file}: not valid JSON")):
+        hf_to_megatron(small_hf_dir, tmp_path / "ckpt")
+    config_file.write_text(json.dumps({**good, "hiden_size": 32}))
+    with pytest.raises(ValueError, match=re.escape(f"{config_file}: unknown key(s) ['hiden_size']")):
+        hf_to_megatron(small_hf_dir, tmp_path / "ckpt")
+    config_file.write_text(json.dumps({**good, "num_heads": "four"}))
+    with pytest.raises(ValueError, match=re.escape(f"{config_file}: not a valid Linear-MoE model config")):
+        hf_to_megatron(small_hf_dir, tmp_path / "ckpt")
+    config_file.write_text(json.dumps(good))
+    shard = sorted(small_hf_dir.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match=re.escape(f"{shard}: cannot read the weights")):
+        hf_to_megatron(small_hf_dir, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_output_that_is_not_a_previous_output_is_never_replaced(small_hf_dir, tmp_path):
+    """Writing over the input, a file, or someone's non-empty directory is refused with their
+    contents intact (the atomic swap would delete them)."""
+    before = {p.name: p.read_bytes() for p in small_hf_dir.iterdir()}
+    with pytest.raises(ValueError, match="without train_state.json, so not a previous output"):
+        hf_to_megatron(small_hf_dir, small_hf_dir)
+    assert {p.name: p.read_bytes() for p in small_hf_dir.iterdir()} == before
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"notes\.txt exists and is not a directory"):
+        convert(tmp_path / "nowhere", tmp_path / "notes.txt")
+    with pytest.raises(ValueError, match="without config.json, so not a previous output"):
+        convert(tmp_path / "nowhere", tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_corrupt_dist_checkpoint_is_an_error_naming_it(small_hf_dir, tmp_path):
+    """A truncated shard of a real dist checkpoint (written by hf_to_megatron, world of one): a
+    ValueError naming the checkpoint directory, not torch's CheckpointException/EOFError."""
+    step = hf_to_megatron(small_hf_dir, tmp_path / "ckpt")
+    shard = sorted((step / "model").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {step / 'model'}: cannot read it")):
+        convert(step, tmp_path / "exported")
+    assert not (tmp_path / "exported").exists()
 
 
 def test_cli_help_explains_every_option():

@@ -349,3 +349,52 @@ def test_unknown_or_offline_missing_task_raises_naming_it(tmp_path):
         make_task_manager(tmp_path, ["offline_missing"], include_defaults=False)
     with pytest.raises(ValueError, match="task 'no_such_task': not an lm-eval task"):
         make_task_manager(tmp_path, ["no_such_task"], include_defaults=False)
+
+
+def test_bad_test_data_and_train_metrics_name_file_and_line(tmp_path, untrained_dir, data_dir):
+    """Invalid UTF-8 in the test data and a non-object line in metrics.jsonl: errors naming the file
+    and line, raised before the output directory is created."""
+    bad_text = tmp_path / "test.jsonl"
+    bad_text.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=re.escape(f"test data {bad_text}, line 2: not UTF-8")):
+        evaluate(untrained_dir, bad_text, tmp_path / "out", tokenizer=data_dir / "tokenizer")
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 2.0}\n3\n')
+    with pytest.raises(ValueError, match=re.escape(f"train_metrics {metrics}, line 2: expected a JSON object")):
+        evaluate(untrained_dir, data_dir, tmp_path / "out", train_metrics=metrics)
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_run_keeps_previous_artifacts(tmp_path, untrained_dir, data_dir, monkeypatch):
+    """A failure after lm-eval has run (here: rendering the report) replaces none of the previous
+    run's artifacts: all are computed before any is written."""
+    from linear_moe.components.evaluate import report
+
+    out = tmp_path / "out"
+    out.mkdir()
+    previous = {name: f"previous {name}\n" for name in ("results.json", "metrics.json", "results.md",
+                                                         "samples.json", "report.html")}
+    for name, text in previous.items():
+        (out / name).write_text(text)
+
+    def fail(**kwargs):
+        raise RuntimeError("report failed")
+
+    monkeypatch.setattr(report, "render_html", fail)
+    with pytest.raises(RuntimeError, match="report failed"):
+        evaluate(untrained_dir, data_dir, out, max_length=MAX_LENGTH, limit=2, batch_size=4, num_samples=1,
+                 sample_tokens=2, bootstrap_iters=0)
+    assert {name: (out / name).read_text() for name in previous} == previous
+    assert not (out / "plots").exists()
+
+
+def test_cli_params_of_the_wrong_type_name_the_key(tmp_path, capsys):
+    from linear_moe.components.evaluate.cli import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text(f"evaluate:\n  model_dir: {tmp_path}\n  test_data: {tmp_path}\n  output_dir: {tmp_path / 'o'}\n"
+                      "  limit: all\n")
+    assert main(["--params", str(params)]) == 2
+    err = capsys.readouterr().err
+    assert f"--params {params}: 'evaluate.limit' is 'all' (str), expected a number or null" in err
+    assert not (tmp_path / "o").exists()

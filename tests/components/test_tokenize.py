@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -366,6 +367,85 @@ def test_too_few_documents_for_the_split(tmp_path):
         tokenize(tmp_path / "out", path, vocab_size=300, progress=False)
 
 
+def test_params_file_errors_are_messages_naming_file_and_key(tmp_path, capsys):
+    """A wrong type, an unknown key, broken YAML or non-UTF-8 bytes in --params: exit 2 with one line
+    naming the file (and key), no traceback, nothing written."""
+    from linear_moe.components.tokenize.cli import main
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"doc {i} " * 5}) + "\n" for i in range(20)))
+    params = tmp_path / "params.yaml"
+    base = f"tokenize:\n  corpus: {corpus}\n  output_dir: {tmp_path / 'out'}\n"
+    cases = {
+        base + '  vocab_size: "300"\n': r"'tokenize\.vocab_size' is '300' \(str\), expected an integer",
+        base + "  workers: 1.5\n": r"'tokenize\.workers' is 1\.5 \(float\), expected an integer",
+        base + "  progress: 'no'\n": r"'tokenize\.progress' is 'no' \(str\), expected true/false",
+        base + "  vocab_sise: 300\n": r"unknown key\(s\) \['vocab_sise'\]",
+        base + "  corpus: [unclosed\n": r"invalid YAML at line 5, column 1",  # where the unclosed list ends
+    }
+    for text, message in cases.items():
+        params.write_text(text)
+        assert main(["--params", str(params)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"tokenize: error: --params {params}: ") and "Traceback" not in err
+        assert re.search(message, err), (message, err)
+    params.write_bytes(b"tokenize:\n  text_field: caf\xe9\n")
+    assert main(["--params", str(params)]) == 2
+    assert "not UTF-8" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "params.yaml"]
+
+
+def test_output_dir_that_is_not_a_previous_output_is_never_replaced(tmp_path):
+    """A file, or a non-empty directory without manifest.json, under output_dir is refused before any
+    work, its contents intact; a directory that holds the corpus is refused too."""
+    corpus = tmp_path / "data" / "c.jsonl"
+    corpus.parent.mkdir()
+    corpus.write_text("".join(json.dumps({"text": f"doc {i} " * 5}) + "\n" for i in range(20)))
+    args = dict(vocab_size=300, valid_fraction=0.2, test_fraction=0.2, progress=False)
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"notes\.txt exists and is not a directory"):
+        tokenize(tmp_path / "notes.txt", corpus, **args)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "thesis.tex").write_text("years of work")
+    with pytest.raises(ValueError, match=r"home is a non-empty directory without manifest\.json"):
+        tokenize(tmp_path / "home", corpus, **args)
+    assert [p.name for p in (tmp_path / "home").iterdir()] == ["thesis.tex"]
+    (tmp_path / "data" / "manifest.json").write_text("{}")  # looks like an output, but holds the corpus
+    with pytest.raises(CorpusError, match="lies inside output_dir"):
+        tokenize(tmp_path / "data", corpus, **args)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["c.jsonl", "manifest.json"]
+    (tmp_path / "empty_is_fine").mkdir()
+    tokenize(tmp_path / "empty_is_fine", corpus, **args)
+    assert (tmp_path / "empty_is_fine" / "manifest.json").is_file()
+
+
+def test_debris_of_a_killed_run_is_not_read_back(tmp_path):
+    """A run killed inside atomic_dir leaves '.out.tmp-*' (or '.out.old-*') next to the output; with the
+    output inside the corpus directory, its partial test.jsonl must not become training input."""
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text("".join(json.dumps({"text": f"doc {i} " * 5}) + "\n" for i in range(20)))
+    args = dict(vocab_size=300, valid_fraction=0.2, test_fraction=0.2, progress=False)
+    tokenize(corpus / "out", corpus, **args)
+    first = _read_tree(corpus / "out")
+    for debris in (".out.tmp-killed", ".out.old-killed"):
+        (corpus / debris).mkdir()
+        shutil.copy(corpus / "out" / "test.jsonl", corpus / debris / "test.jsonl")
+    tokenize(corpus / "out", corpus, **args)
+    assert _read_tree(corpus / "out") == first
+    assert list(json.loads((corpus / "out" / "manifest.json").read_text())["inputs"]) == ["a.jsonl"]
+
+
+def test_prepare_refuses_an_existing_file_with_a_message(tmp_path, capsys):
+    from linear_moe.components.tokenize.prepare import main
+
+    (tmp_path / "raw").write_text("keep me")
+    assert main(["--out", str(tmp_path / "raw")]) == 2
+    assert f"prepare: error: --out {tmp_path / 'raw'} exists and is not a directory" in capsys.readouterr().err
+    assert (tmp_path / "raw").read_text() == "keep me"
+
+
 # ------------------------------------------------------------------------------------------ KFP, DVC
 @pytest.mark.filterwarnings("ignore:You may be attemping:RuntimeWarning")  # base_image is ignored locally
 def test_kfp_component_runs_locally_and_matches_function(tokenized, corpus_dir, tmp_path):
@@ -392,6 +472,7 @@ def test_dvc_repro_offline_in_fresh_repo(tmp_path):
     shutil.copytree(REPO / "components" / "tokenize", repo / "components" / "tokenize",
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copy(REPO / "components" / "params.py", repo / "components" / "params.py")  # a dep of the stage
     import yaml
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
