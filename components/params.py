@@ -1,12 +1,12 @@
 """``params.yaml``: one section per pipeline stage, keys = the stage entry function's arguments."""
 from __future__ import annotations
 
-import collections.abc
 import inspect
-import types
 import typing
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+from linear_moe.model.field_types import matches, type_error
 
 
 def load_section(path: str | Path, section: str, known: Iterable[str] | Callable) -> dict[str, Any]:
@@ -41,9 +41,9 @@ def load_section(path: str | Path, section: str, known: Iterable[str] | Callable
     if unknown:
         raise ValueError(f"--params {path}: unknown key(s) {unknown} in '{section}:'; known: {sorted(names)}")
     for key, value in values.items():
-        if key in hints and not _matches(value, hints[key]):
-            raise ValueError(f"--params {path}: '{section}.{key}' is {value!r} ({type(value).__name__}), "
-                             f"expected {_describe(hints[key])}; fix its value in the '{section}:' section")
+        if key in hints and not matches(value, hints[key]):
+            raise ValueError(f"--params {path}: {type_error(repr(f'{section}.{key}'), value, hints[key])}; "
+                             f"fix its value in the '{section}:' section")
     return values
 
 
@@ -52,44 +52,3 @@ def _hints(function: Callable) -> dict[str, Any]:
         return typing.get_type_hints(function)
     except Exception:  # an annotation that does not evaluate: no type checks rather than no run
         return {}
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    """Whether a YAML value fits ``hint`` (int, float, str, bool, Path, None, unions, sequences)."""
-    if hint is Any:
-        return True
-    if hint is None or hint is type(None):
-        return value is None
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(hint))
-    if origin in (list, tuple, collections.abc.Sequence, collections.abc.Iterable):
-        args = typing.get_args(hint)
-        return isinstance(value, (list, tuple)) and (not args or all(_matches(v, args[0]) for v in value))
-    if origin is not None:
-        return True  # dicts and other generics: left to the step
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint in (str, Path) or (isinstance(hint, type) and issubclass(hint, Path)):
-        return isinstance(value, str)
-    return True
-
-
-def _describe(hint: Any) -> str:
-    if hint is None or hint is type(None):
-        return "null"
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [arg for arg in typing.get_args(hint) if not (arg is int and float in typing.get_args(hint))]
-        return " or ".join(dict.fromkeys(_describe(arg) for arg in args))
-    if origin is not None:
-        args = typing.get_args(hint)
-        return f"a list of {_describe(args[0]).split(' ', 1)[-1]}s" if args else "a list"
-    if hint is Path:
-        return "a string"  # a path
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, getattr(
-        hint, "__name__", str(hint)))

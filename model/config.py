@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from linear_moe.model.field_types import check_dataclass_types
 from linear_moe.model.layer_pattern import parse_layer_pattern
 
 LSM_BACKENDS = ("auto", "chunk", "naive", "fla")
@@ -63,6 +64,7 @@ class ModelConfig:
     head_dim: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        check_dataclass_types(self)  # "4" for an int, "no" for a bool: an error naming the field
         if not self.layer_pattern:
             self.layer_pattern = "L" * self.num_layers
         _check(self.vocab_size > 0, "vocab_size", f"must be positive, got {self.vocab_size}")
@@ -86,7 +88,7 @@ class ModelConfig:
             self.ffn_hidden_size = _round_up(int(8 * self.hidden_size / 3), 64)
         for name in ("expand_k", "expand_v"):
             value = getattr(self, name)
-            _check(value > 0 and (value * self.head_dim).is_integer(), name,
+            _check(value > 0 and float(value * self.head_dim).is_integer(), name,
                    f"{name}={value} times head_dim={self.head_dim} must be a positive integer")
         _check(self.lsm_backend in LSM_BACKENDS, "lsm_backend", f"{self.lsm_backend!r} not in {LSM_BACKENDS}")
         _check(self.chunk_size > 0, "chunk_size", f"must be positive, got {self.chunk_size}")

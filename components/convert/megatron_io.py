@@ -7,14 +7,13 @@ loads into any layout.
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
-from linear_moe.components.train.checkpoint import STATE_FILE, latest_complete
+from linear_moe.components.train.checkpoint import STATE_FILE, latest_complete, read_train_state, reading_checkpoint
 from linear_moe.model.config import ModelConfig
 
 MODEL_DIR = "model"  # the dist_checkpointing directory inside a step directory
@@ -79,12 +78,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def read_model_config(step: Path) -> ModelConfig:
     """The ``model_config`` recorded in a step directory's ``train_state.json``."""
     path = Path(step) / STATE_FILE
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read ({err}); the checkpoint is corrupt: convert an earlier step "
-                         "directory or retrain") from None
-    if not isinstance(state, dict) or not isinstance(state.get("model_config"), dict):
+    state = read_train_state(step)
+    if not isinstance(state.get("model_config"), dict):
         raise ValueError(f"{path} has no 'model_config' mapping; it was not written by the train step")
     try:
         return ModelConfig.from_dict(state["model_config"])
@@ -119,17 +114,10 @@ def check_checkpoint_shapes(model: torch.nn.Module, checkpoint_dir: Path) -> Non
 def load_dist_checkpoint(model: torch.nn.Module, checkpoint_dir: Path) -> None:
     """Load a dist_checkpointing directory (any layout) into ``model`` in place."""
     from megatron.core import dist_checkpointing
-    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
-    try:
+    with reading_checkpoint(checkpoint_dir):
         check_checkpoint_shapes(model, checkpoint_dir)
         loaded = dist_checkpointing.load(model.sharded_state_dict(), str(checkpoint_dir))
-    except ValueError:
-        raise
-    except (Exception, CheckpointException) as err:  # torch / pickle raise many types for damaged files
-        detail = str(err).strip().splitlines()[-1] if str(err).strip() else ""
-        raise ValueError(f"checkpoint {checkpoint_dir}: cannot read it ({type(err).__name__}: {detail[:300]}); its "
-                         "files are truncated or corrupt: convert an earlier complete step directory") from None
     model.load_state_dict(loaded, strict=True)
 
 

@@ -85,14 +85,18 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from linear_moe.components.train.loop import train
+    from linear_moe.components.train.loop import InputError, train
 
     try:
         config = config_from_args(argv)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    result = train(config)
+    try:
+        result = train(config)
+    except InputError as error:  # found by preflight, before any process group or model; other errors keep
+        print(f"error: {error}", file=sys.stderr)  # their traceback
+        return 2
     print(json.dumps(result, sort_keys=True))
     return 0
 

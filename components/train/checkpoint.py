@@ -12,13 +12,14 @@ A directory without ``train_state.json`` or still named ``.partial`` is never ta
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -78,21 +79,64 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: list[torch.nn.Mod
 
 def load_checkpoint(path: str | Path, model_chunks: list[torch.nn.Module],
                     optimizer) -> dict[str, Any]:
-    """Load model (and optimizer) state in place; returns the saved ``train_state``."""
+    """Load model (and optimizer) state in place; returns the saved ``train_state``.
+
+    Only a converted checkpoint (``train_state["source"]``, from Hugging Face weights) may lack the
+    optimizer state: resuming a training run without it would silently restart Adam's moments.
+    """
     from megatron.core import dist_checkpointing
 
     path = Path(path)
-    state_file = path / STATE_FILE
-    if not state_file.is_file():
-        raise ValueError(f"{path} is not a complete checkpoint ({STATE_FILE} missing)")
-    loaded = dist_checkpointing.load(model_sharded_state_dict(model_chunks), str(path / "model"))
+    state = read_train_state(path)
+    has_optimizer = (path / "optimizer").is_dir()
+    if optimizer is not None and not has_optimizer and "source" not in state:
+        raise ValueError(f"checkpoint {path} has no optimizer/ state, so resuming it would restart the optimizer; "
+                         "resume an earlier complete step directory")
+    with reading_checkpoint(path):
+        loaded = dist_checkpointing.load(model_sharded_state_dict(model_chunks), str(path / "model"))
     for i, chunk in enumerate(model_chunks):
         chunk.load_state_dict(loaded[f"chunk{i}"] if len(model_chunks) > 1 else loaded, strict=True)
     if optimizer is not None:
         optimizer.reload_model_params()  # fp32 master copies follow the loaded weights...
-        if (path / "optimizer").is_dir():  # ...and then the saved state (absent in converted HF -> Megatron ones)
-            optimizer.load(path / "optimizer", model_chunks)
-    return json.loads(state_file.read_text())
+        if has_optimizer:  # ...and then the saved state
+            with reading_checkpoint(path):
+                optimizer.load(path / "optimizer", model_chunks)
+    return state
+
+
+def read_train_state(step: str | Path) -> dict[str, Any]:
+    """A step directory's ``train_state.json``; missing or damaged is a ``ValueError`` naming the file."""
+    path = Path(step) / STATE_FILE
+    if not path.is_file():
+        raise ValueError(f"{step} is not a complete checkpoint ({STATE_FILE} missing)")
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read it ({err}); the checkpoint is damaged: use an earlier complete "
+                         "step directory") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(state).__name__}; the checkpoint is damaged")
+    return state
+
+
+@contextlib.contextmanager
+def reading_checkpoint(directory: Path) -> Iterator[None]:
+    """Report a damaged checkpoint read inside the block as a ``ValueError`` naming ``directory``.
+
+    torch and pickle raise many types for truncated or corrupt files, among them
+    ``torch.distributed.checkpoint``'s ``CheckpointException``, which is not an ``Exception``.
+    """
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except ValueError:
+        raise
+    except (Exception, CheckpointException) as err:
+        lines = str(err).strip().splitlines()
+        raise ValueError(f"checkpoint {directory}: cannot read it ({type(err).__name__}: {lines[-1][:300] if lines else ''}); "
+                         "its files are truncated, corrupt or of another model: use an earlier complete step "
+                         "directory") from None
 
 
 def model_sharded_state_dict(model_chunks: list[torch.nn.Module]) -> dict[str, Any]:

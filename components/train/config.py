@@ -15,6 +15,7 @@ import torch
 
 from linear_moe.components.train.optim import OPTIMIZERS
 from linear_moe.model import ModelConfig, preset
+from linear_moe.model.field_types import check_dataclass_types
 
 
 RECOMPUTE_MODES = ("none", "full", "selective")
@@ -63,6 +64,7 @@ class TrainConfig:
     dvclive: bool = True  # also log through dvclive
 
     def __post_init__(self) -> None:
+        check_dataclass_types(self)  # "32" for an int, "no" for a bool: an error naming the field
         positive = ("seq_length", "micro_batch_size", "global_batch_size", "steps", "tensor_parallel",
                     "pipeline_parallel", "expert_parallel", "sequence_parallel", "log_interval")
         for name in positive:
@@ -126,16 +128,17 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
         """Read a JSON or YAML file holding TrainConfig fields."""
+        import yaml
+
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"training config file {path} does not exist")
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
+        try:
+            text = path.read_text(encoding="utf-8")
+            data = (yaml.safe_load(text) or {}) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as err:
+            raise ValueError(f"training config file {path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: "
+                             f"{str(err).splitlines()[0]}; fix its syntax") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of TrainConfig fields, got {type(data).__name__}")
         return cls.from_dict(data)

@@ -38,8 +38,8 @@ def read_tokenizer_info(data_dir: str | Path) -> TokenizerInfo:
     return TokenizerInfo(vocab_size=len(tokenizer), eod=tokenizer.eos_token_id)
 
 
-def check_dataset(prefix: Path) -> None:
-    """Clear errors for a missing or corrupt indexed dataset at ``prefix`` (.bin/.idx)."""
+def check_dataset(prefix: Path) -> int:
+    """Clear errors for a missing or corrupt indexed dataset at ``prefix`` (.bin/.idx); returns its token count."""
     for suffix in (".bin", ".idx"):
         if not prefix.with_suffix(suffix).is_file():
             raise ValueError(f"dataset file {prefix}{suffix} is missing; run the tokenize step first")
@@ -56,6 +56,7 @@ def check_dataset(prefix: Path) -> None:
         raise ValueError(f"dataset {prefix}.bin is corrupt: {actual} bytes, the index describes {expected_bytes}")
     if len(dataset) == 0:
         raise ValueError(f"dataset {prefix} holds no documents")
+    return total
 
 
 def build_datasets(data_dir: str | Path, *, seq_length: int, seed: int, train_samples: int, valid_samples: int,

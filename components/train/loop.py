@@ -5,7 +5,6 @@ choice, the optimizer (``components/train/optim.py``) and the experts' GEMM diff
 """
 from __future__ import annotations
 
-import json
 import os
 import resource
 import time
@@ -54,11 +53,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
             valid_samples=max(1, config.eval_iters) * config.micro_batch_size * dp_size,
             cache_dir=output_dir / "data_cache", tokenizer=tokenizer,
         )
-        logger = MetricsLogger(output_dir, config.dvclive, resume=latest is not None) if rank == 0 else None
+        logger = (MetricsLogger(output_dir, config.dvclive, resume_step=start_step if latest is not None else None)
+                  if rank == 0 else None)
         if rank == 0:
             output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / "model_config.json").write_text(model_config.to_json())
-            (output_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+            ckpt.write_json_atomic(output_dir / "model_config.json", model_config.to_dict())
+            ckpt.write_json_atomic(output_dir / "train_config.json", config.to_dict())
         record: dict[str, Any] = {}
         progress = _progress(rank, start_step, config.steps)
         for step in range(start_step, config.steps):
@@ -97,12 +97,25 @@ def train(config: TrainConfig) -> dict[str, Any]:
         destroy_parallel()
 
 
+class InputError(ValueError):
+    """Bad input found before training starts (the CLI prints it and exits 2, with no traceback)."""
+
+
 def preflight(config: TrainConfig, world_size: int):
     """Every check that needs no process group: parallel sizes, dataset, tokenizer, checkpoint.
 
-    Returns ``(model_config, tokenizer_info, latest_checkpoint_or_None)``; raises ``ValueError``
+    Returns ``(model_config, tokenizer_info, latest_checkpoint_or_None)``; raises :class:`InputError`
     naming the problem before anything is started.
     """
+    try:
+        return _preflight(config, world_size)
+    except InputError:
+        raise
+    except ValueError as error:
+        raise InputError(str(error)) from error
+
+
+def _preflight(config: TrainConfig, world_size: int):
     config.data_parallel(world_size)
     config.check_runs_here()
     model_config = config.model_config()
@@ -114,14 +127,17 @@ def preflight(config: TrainConfig, world_size: int):
         )
     from linear_moe.components.tokenize import split_prefix
 
-    check_dataset(Path(split_prefix(config.data_dir, "train")))
+    train_prefix = Path(split_prefix(config.data_dir, "train"))
+    train_tokens = check_dataset(train_prefix)
+    if config.seq_length + 1 > train_tokens:  # a sample is seq_length inputs plus the last one's label
+        raise ValueError(f"seq_length={config.seq_length} needs {config.seq_length + 1} tokens per sample but the "
+                         f"training split {train_prefix} holds {train_tokens}; lower seq_length or tokenize more text")
     latest = ckpt.latest_complete(Path(config.output_dir) / "checkpoints")
     if latest is not None and not config.resume:
         raise ValueError(f"output_dir {config.output_dir} already holds checkpoints (latest {latest.name}); pass "
                          f"--resume to continue that run, or choose a new output_dir")
     if latest is not None:
-        saved = json.loads((latest / ckpt.STATE_FILE).read_text()).get("model_config", {})
-        _check_same_model(saved, model_config.to_dict(), latest)
+        _check_same_model(ckpt.read_train_state(latest).get("model_config", {}), model_config.to_dict(), latest)
     return model_config, tokenizer, latest
 
 

@@ -64,7 +64,8 @@ def test_kill_during_checkpoint_then_resume_matches_uninterrupted_run(data_dir, 
 
     subprocess.run(TRAIN + run_args(data_dir, killed, 4, resume=True), check=True, env=env, capture_output=True)
     expected, resumed = losses(reference), losses(killed)
-    assert sorted(resumed) == [1, 2, 3, 4]
+    # the killed run had logged steps 3 and 4 past its last checkpoint: the resume replaces them
+    assert [record["step"] for record in read_metrics(killed / "metrics.jsonl")] == [1, 2, 3, 4]
     for step in (3, 4):
         assert math.isclose(resumed[step], expected[step], rel_tol=1e-6), (step, resumed[step], expected[step])
     assert latest_complete(killed / "checkpoints").name == "step_0000004"
@@ -236,3 +237,73 @@ def test_bf16_parameters_track_fp32_training():
     fp32, bf16 = losses[torch.float32], losses[torch.bfloat16]
     assert fp32[-1] < fp32[0] - 0.5  # the run learns, so "tracks" means something
     assert float((bf16 - fp32).abs().max() / fp32.abs().max()) <= 2e-2, (fp32, bf16)
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({"seq_length": "32"}, r"TrainConfig.seq_length is '32' \(str\), expected an integer"),
+    ({"resume": "no"}, r"TrainConfig.resume is 'no' \(str\), expected true/false"),
+    ({"lr": None}, r"TrainConfig.lr is None \(NoneType\), expected a number"),
+    ({"model_overrides": {"num_heads": "4"}}, r"ModelConfig.num_heads is '4' \(str\), expected an integer"),
+    ({"model_overrides": {"tie_word_embeddings": 1}}, r"ModelConfig.tie_word_embeddings is 1 \(int\), expected true/false"),
+])
+def test_values_of_the_wrong_type_name_the_field(fields, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig.from_dict(fields)
+
+
+def test_numbers_fit_float_fields():
+    model = TrainConfig.from_dict({"lr": 1, "model_overrides": {"expand_v": 2, "moe_capacity_factor": None}})
+    assert model.lr == 1 and model.model_config().value_dim == 2 * model.model_config().head_dim
+
+
+@pytest.mark.parametrize("name, text", [("bad.json", '{"steps": 3,}'), ("bad.yaml", "steps: [3\n")])
+def test_config_file_with_bad_syntax_is_named(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"training config file {path} is not valid"):
+        TrainConfig.from_file(path)
+
+
+def test_seq_length_longer_than_the_training_split_is_rejected(data_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"seq_length=1000000 needs 1000001 tokens per sample but the training split"):
+        preflight(config(data_dir, tmp_path, seq_length=1_000_000), 1)
+
+
+def test_cli_reports_input_errors_without_a_traceback(tmp_path, capsys):
+    from linear_moe.components.train.__main__ import main
+
+    assert main(["--data-dir", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "run"), "--no-dvclive"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "tokenizer.json is missing" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_damaged_train_state_is_named(data_dir, tmp_path):
+    checkpoint = committed_checkpoint(data_dir, tmp_path)
+    (checkpoint / "train_state.json").write_text('{"step": 2, "model_con')
+    with pytest.raises(ValueError, match=f"{checkpoint / 'train_state.json'}: cannot read it"):
+        preflight(config(data_dir, tmp_path, resume=True), 1)
+
+
+def test_training_checkpoint_without_optimizer_state_is_not_resumed(data_dir, tmp_path):
+    """Only a converted checkpoint (``source`` in its train state) may start the optimizer afresh."""
+    from linear_moe.components.train.checkpoint import load_checkpoint
+
+    checkpoint = committed_checkpoint(data_dir, tmp_path)
+    with pytest.raises(ValueError, match="has no optimizer/ state, so resuming it would restart the optimizer"):
+        load_checkpoint(checkpoint, [], optimizer=object())
+
+
+def test_resumed_metrics_drop_the_records_after_the_checkpoint(tmp_path):
+    from linear_moe.components.train.metrics import MetricsLogger
+
+    fresh = MetricsLogger(tmp_path, use_dvclive=False, resume_step=None)
+    for step in (1, 2, 3, 4):
+        fresh.log(step, {"loss": float(step)})
+    fresh.close()
+    resumed = MetricsLogger(tmp_path, use_dvclive=False, resume_step=2)  # killed after logging 4, resumed at 2
+    resumed.log(3, {"loss": 30.0})
+    resumed.close()
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    MetricsLogger(tmp_path, use_dvclive=False, resume_step=None).close()  # a fresh run starts a new file
+    assert read_metrics(tmp_path / "metrics.jsonl") == []
