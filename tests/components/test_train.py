@@ -295,15 +295,22 @@ def test_training_checkpoint_without_optimizer_state_is_not_resumed(data_dir, tm
 
 
 def test_resumed_metrics_drop_the_records_after_the_checkpoint(tmp_path):
+    """metrics.jsonl and dvclive's per-metric tables hold each step once, at its own step number."""
     from linear_moe.components.train.metrics import MetricsLogger
 
-    fresh = MetricsLogger(tmp_path, use_dvclive=False, resume_step=None)
+    def table(name):
+        rows = (tmp_path / "dvclive" / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()[1:]
+        return [(int(step), float(value)) for step, value in (row.split("\t") for row in rows)]
+
+    fresh = MetricsLogger(tmp_path, use_dvclive=True, resume_step=None)
     for step in (1, 2, 3, 4):
         fresh.log(step, {"loss": float(step)})
     fresh.close()
-    resumed = MetricsLogger(tmp_path, use_dvclive=False, resume_step=2)  # killed after logging 4, resumed at 2
+    assert table("train/loss") == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
+    resumed = MetricsLogger(tmp_path, use_dvclive=True, resume_step=2)  # killed after logging 4, resumed at 2
     resumed.log(3, {"loss": 30.0})
     resumed.close()
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    assert table("train/loss") == [(1, 1.0), (2, 2.0), (3, 30.0)]
     MetricsLogger(tmp_path, use_dvclive=False, resume_step=None).close()  # a fresh run starts a new file
     assert read_metrics(tmp_path / "metrics.jsonl") == []
