@@ -347,13 +347,18 @@ def test_failed_run_keeps_previous_output_and_leaves_no_temp(tokenized, corpus_d
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-def test_output_inside_corpus_dir_is_not_read_back(tmp_path):
-    """Rerunning with the output inside the corpus directory (its test.jsonl would be input) gives
-    the same bytes as the first run."""
+def _small_corpus(tmp_path):
+    """A 20-document JSONL corpus under ``tmp_path/c`` and tokenize arguments that split it three ways."""
     corpus = tmp_path / "c"
     corpus.mkdir()
     (corpus / "a.jsonl").write_text("".join(json.dumps({"text": f"doc {i} " * 5}) + "\n" for i in range(20)))
-    args = dict(vocab_size=300, valid_fraction=0.2, test_fraction=0.2, progress=False)
+    return corpus, dict(vocab_size=300, valid_fraction=0.2, test_fraction=0.2, progress=False)
+
+
+def test_output_inside_corpus_dir_is_not_read_back(tmp_path):
+    """Rerunning with the output inside the corpus directory (its test.jsonl would be input) gives
+    the same bytes as the first run."""
+    corpus, args = _small_corpus(tmp_path)
     tokenize(corpus / "out", corpus, **args)
     first = _read_tree(corpus / "out")
     tokenize(corpus / "out", corpus, **args)
@@ -423,10 +428,7 @@ def test_output_dir_that_is_not_a_previous_output_is_never_replaced(tmp_path):
 def test_debris_of_a_killed_run_is_not_read_back(tmp_path):
     """A run killed inside atomic_dir leaves '.out.tmp-*' (or '.out.old-*') next to the output; with the
     output inside the corpus directory, its partial test.jsonl must not become training input."""
-    corpus = tmp_path / "c"
-    corpus.mkdir()
-    (corpus / "a.jsonl").write_text("".join(json.dumps({"text": f"doc {i} " * 5}) + "\n" for i in range(20)))
-    args = dict(vocab_size=300, valid_fraction=0.2, test_fraction=0.2, progress=False)
+    corpus, args = _small_corpus(tmp_path)
     tokenize(corpus / "out", corpus, **args)
     first = _read_tree(corpus / "out")
     for debris in (".out.tmp-killed", ".out.old-killed"):
