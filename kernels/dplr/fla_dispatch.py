@@ -21,5 +21,7 @@ def fla_dplr(
     """Same contract as :func:`linear_moe.kernels.dplr.dplr`; fla picks its own chunk size."""
     from fla.ops.generalized_delta_rule import chunk_dplr_delta_rule
 
-    return chunk_dplr_delta_rule(q, k, v, a, b, gk, scale=scale, initial_state=initial_state,
-                                 output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    o, final = chunk_dplr_delta_rule(q, k, v, a, b, gk, scale=scale,
+                                     initial_state=None if initial_state is None else initial_state.float(),
+                                     output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    return o.to(v.dtype), (final.float() if output_final_state else None)
