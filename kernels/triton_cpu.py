@@ -10,6 +10,9 @@ Gaps patched (each is a registry entry in :data:`PATCHES`, applied by :func:`ena
   replace the ones fla uses (exp, log, tanh, log1p, fast_* ...) with NumPy implementations.
 * ``range_to``  - ``for i in range(n)`` / ``tl.range`` yields Python ints, so ``i.to(tl.int64)``
   fails: loop variables become int32 scalar tensors, as in compiled Triton.
+* ``gather``    - fla aliases ``tl.gather`` as ``fla.ops.utils.op.gather``; the interpreter only
+  patches builtins reached through ``tl`` inside a jitted function, so the alias raises ("Did you
+  forget to add @triton.jit"): it becomes a jitted function calling ``tl.gather`` (fla's DPLR/RWKV7).
 
 Order matters: ``triton.jit`` picks interpreter or compiler when a kernel is *decorated*, so the
 environment variable must be set before any module defining kernels (fla, ``kernels/lasp``) is
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import triton.language as tl  # the module jitted helpers below reach builtins through (no kernel is decorated here)
 
 PATCHES: dict[str, Callable[[], None]] = {}
 _APPLIED: set[str] = set()
@@ -261,6 +265,24 @@ def _patch_range() -> None:
         return node
 
     ASTTransformer.visit_For = visit_For
+
+
+# ---------------------------------------------------------------------------------- gather
+def _gather(src, index, axis):
+    """Body of the jitted stand-in for fla's ``gather`` alias (decorated once the interpreter is on)."""
+    return tl.gather(src, index, axis)
+
+
+@register_patch("gather")  # registered last: it imports fla, so every other patch is in place first
+def _patch_gather() -> None:
+    import triton
+
+    import fla.ops.utils.op as fla_op
+
+    jitted = triton.jit(_gather)
+    for name, module in [("fla.ops.utils.op", fla_op), *sys.modules.items()]:
+        if name.startswith("fla.") and getattr(module, "gather", None) is tl.gather:
+            module.gather = jitted  # later imports of the alias read fla.ops.utils.op's, patched first
 
 
 # ---------------------------------------------------------------------------------- subprocess runner

@@ -49,6 +49,12 @@ def range_kernel(y, n, N: tl.constexpr):
     tl.store(y + tl.arange(0, N), acc)
 
 
+@triton.jit
+def gather_kernel(x, index, y, N: tl.constexpr):
+    r = tl.arange(0, N)
+    tl.store(y + r, fla_op.gather(tl.load(x + r), tl.load(index + r), 0))  # fla's alias of tl.gather
+
+
 def _check_autotune():
     import torch
 
@@ -96,8 +102,20 @@ def _check_range():
     assert_rel_close("range loop variable .to()", sum(range(4)) * torch.arange(N).float(), y, 1e-6)
 
 
+def _check_gather():
+    global fla_op
+    import torch
+
+    import fla.ops.utils.op as fla_op
+
+    x, index = torch.randn(N), torch.randperm(N)
+    y = torch.empty(N)
+    gather_kernel[(1,)](x, index, y, N=N)
+    assert torch.equal(y, x[index])
+
+
 def _check_all():
-    for check in (_check_autotune, _check_bf16, _check_libdevice, _check_range):
+    for check in (_check_autotune, _check_bf16, _check_libdevice, _check_range, _check_gather):
         check()
 
 
@@ -107,6 +125,7 @@ FAILURE_WITHOUT_PATCH = {
     "bf16": (_check_bf16, "bf16 tl.dot"),
     "libdevice": (_check_libdevice, "NoneType"),
     "range_to": (_check_range, "'int' object has no attribute 'to'"),
+    "gather": (_check_gather, "Did you forget to add @triton.jit"),
 }
 
 
