@@ -42,6 +42,7 @@ class ModelConfig:
     memory_top_k: int = 2  # Mixture-of-Memories: memories each token writes to
     num_slots: int = 64  # gated slot attention: slots per head
     state_size: int = 64  # mamba2: SSM state width N per head
+    value_residual: bool = True  # rwkv7: later layers mix their value toward the first LSM layer's (v_first)
 
     # --- softmax attention (hybrid layers) ---
     num_kv_heads: int = 0  # GQA key/value heads; 0 = num_heads

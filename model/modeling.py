@@ -17,6 +17,7 @@ from transformers.utils import ModelOutput
 from linear_moe.model.blocks import Block
 from linear_moe.model.config import ModelConfig
 from linear_moe.model.mixers import MixerState
+from linear_moe.model.mixers.value_residual import value_residual_scope
 
 MODEL_TYPE = "linear_moe"
 
@@ -126,14 +127,16 @@ class LinearMoEModel(LinearMoEPreTrainedModel):
         x_BTD = self.embed_tokens(input_ids)
         aux_loss = x_BTD.new_zeros(())
         tokens_per_expert = []
-        for i, layer in enumerate(self.layers):
-            state = cache.states[i] if cache is not None else None
-            x_BTD, new_state, stats = layer(x_BTD, state=state, cu_seqlens=cu_seqlens, output_state=cache is not None)
-            if cache is not None:
-                cache.states[i] = new_state
-            if stats is not None:
-                aux_loss = aux_loss + stats.aux_loss + stats.z_loss
-                tokens_per_expert.append(stats.tokens_per_expert)
+        with value_residual_scope():  # RWKV7's v_first travels from the first LSM layer to the later ones
+            for i, layer in enumerate(self.layers):
+                state = cache.states[i] if cache is not None else None
+                x_BTD, new_state, stats = layer(x_BTD, state=state, cu_seqlens=cu_seqlens,
+                                                output_state=cache is not None)
+                if cache is not None:
+                    cache.states[i] = new_state
+                if stats is not None:
+                    aux_loss = aux_loss + stats.aux_loss + stats.z_loss
+                    tokens_per_expert.append(stats.tokens_per_expert)
         if cache is not None:
             cache.seen_tokens += input_ids.shape[1]
         return self.norm(x_BTD), cache, aux_loss, tuple(tokens_per_expert)

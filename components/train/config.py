@@ -16,6 +16,7 @@ import torch
 from linear_moe.components.train.optim import OPTIMIZERS
 from linear_moe.model import ModelConfig, preset
 from linear_moe.model.field_types import check_dataclass_types
+from linear_moe.model.mixers.value_residual import check_value_residual_layout
 
 
 RECOMPUTE_MODES = ("none", "full", "selective")
@@ -81,7 +82,8 @@ class TrainConfig:
                f"must be positive when eval_interval={self.eval_interval} > 0 (set eval_interval: 0 to disable)")
         _check(self.optimizer in OPTIMIZERS, "optimizer", f"{self.optimizer!r} not in {tuple(OPTIMIZERS)}")
         _check(self.recompute in RECOMPUTE_MODES, "recompute", f"{self.recompute!r} not in {RECOMPUTE_MODES}")
-        self.model_config()  # raises ValueError naming the bad model field or preset
+        check_value_residual_layout(self.model_config(), pipeline_parallel=self.pipeline_parallel,  # and validates
+                                    full_recompute=self.recompute == "full")                     # the model
 
     def model_config(self) -> ModelConfig:
         return preset(self.preset, **self.model_overrides)

@@ -7,6 +7,8 @@ from linear_moe.model.config import ModelConfig
 from linear_moe.model.megatron.grouped_gemm import install_gmm
 from linear_moe.model.megatron.init import initialize_parameters
 from linear_moe.model.megatron.specs import block_spec
+from linear_moe.model.mixers.value_residual import (check_value_residual_layout, uses_value_residual,
+                                                    value_residual_scope)
 
 
 def build_gpt_model(model_config: ModelConfig, config, attention_mixer: str = "attention", seed: int = 1234):
@@ -30,6 +32,8 @@ def build_gpt_model(model_config: ModelConfig, config, attention_mixer: str = "a
         # megatron syncs the two copies of a tied embedding with weight.data.cuda()
         raise ValueError("ModelConfig.tie_word_embeddings=True with pipeline parallel > 1 needs CUDA; "
                          "untie the embeddings or use pipeline parallel 1 on CPU")
+    check_value_residual_layout(model_config, pipeline_parallel=pipeline_size,
+                                full_recompute=config.recompute_granularity == "full")
     pipeline_rank = parallel_state.get_pipeline_model_parallel_rank()
     if config.num_layers != model_config.num_layers:
         raise ValueError(
@@ -39,7 +43,24 @@ def build_gpt_model(model_config: ModelConfig, config, attention_mixer: str = "a
         torch.manual_seed(seed)
         model = _gpt_model(model_config, config, attention_mixer, pipeline_size, pipeline_rank)
     initialize_parameters(model, model_config, config, seed)
+    if uses_value_residual(model_config):
+        _value_residual_scope_per_forward(model)
     return model
+
+
+def _value_residual_scope_per_forward(model: torch.nn.Module) -> None:
+    """Megatron runs the layer loop, so forward hooks open RWKV7's v_first scope around each model forward."""
+    scopes = []
+
+    def enter(module, args):
+        scopes.append(value_residual_scope())
+        scopes[-1].__enter__()
+
+    def leave(module, args, output):
+        scopes.pop().__exit__(None, None, None)
+
+    model.register_forward_pre_hook(enter)
+    model.register_forward_hook(leave, always_call=True)
 
 
 def _gpt_model(model_config, config, attention_mixer, pipeline_size, pipeline_rank):

@@ -95,6 +95,12 @@ class Mixer(nn.Module):
     def validate_config(cls, config) -> None:
         """Raise ``ValueError`` naming the field if ``config`` cannot build this mixer."""
 
+    @classmethod
+    def crosses_layers(cls, config) -> bool:
+        """Whether the layers share a tensor within a forward (RWKV7's value residual, see
+        :mod:`~linear_moe.model.mixers.value_residual`): the model must run them in one scope."""
+        return False
+
     def forward(
         self,
         x_BTD: torch.Tensor,

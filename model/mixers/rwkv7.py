@@ -3,11 +3,13 @@
     x^c = x + (x_{t-1} - x) * mu_c   for c in r, w, k, v, a, g        (token shift)
     w = -e^-1/2 sigmoid(lora_w(x^w))  (log-decay in [-0.61, 0)),  a = sigmoid(lora_a(x^a))
     kk = l2norm(k * k_k),  k <- k * (1 + (a - 1) * k_a)
+    v <- lerp(v, v_first, sigmoid(lora_v(x^v)))   (value residual: every LSM layer but the first)
     S_t = (diag(exp(w_t)) - (kk_t * a_t) kk_t^T) S_{t-1} + k_t v_t^T,   o_t = r_t^T S_t   (scale 1)
     y = W_o ((groupnorm(o) + (r . (k * r_k)) v) * lora_g(x^g))
 
-Follows fla's RWKV7Attention, without the cross-layer value residual (``v_first``): each layer uses
-its own v.  State: ``"S"`` (N, H, K, V) fp32 and ``"shift"`` (N, D), the last input token.
+Follows fla's RWKV7Attention. ``v_first`` is the first LSM layer's value in the same forward
+(:mod:`~linear_moe.model.mixers.value_residual`); ``ModelConfig.value_residual=False`` gives every
+layer its own v. State: ``"S"`` (N, H, K, V) fp32 and ``"shift"`` (N, D), the last input token.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from torch import nn
 
 from linear_moe.model.mixers.base import SINGLE_DEVICE, Linears, Mixer, MixerState, register_mixer
 from linear_moe.model.mixers.common import check_varlen, core_backend, merge_heads, split_heads, token_shift
+from linear_moe.model.mixers.value_residual import current_value_residual, first_lsm_layer
 from linear_moe.model.parallel import current_sequence_parallel
 
 W_SCALE = math.exp(-0.5)  # bound of the log-decay magnitude, as in RWKV7
@@ -53,6 +56,10 @@ class RWKV7(Mixer):
             raise ValueError(f"ModelConfig.expand_v: rwkv7 needs expand_k == expand_v, got {config.expand_k} and "
                              f"{config.expand_v}")
 
+    @classmethod
+    def crosses_layers(cls, config) -> bool:
+        return config.value_residual
+
     def __init__(self, config, layer_idx: int = 0, linears: Linears = SINGLE_DEVICE):
         super().__init__(config, layer_idx, linears)
         D, H, K, V = config.hidden_size, config.num_heads, config.key_dim, config.value_dim
@@ -64,6 +71,10 @@ class RWKV7(Mixer):
         self.w_lora = LoRA(linears, D, H * K, lora_rank(2.5, D), torch.tanh)
         self.a_lora = LoRA(linears, D, H * K, lora_rank(2.5, D), lambda t: t)
         self.g_lora = LoRA(linears, D, H * V, lora_rank(5.0, D), torch.sigmoid, bias=False)
+        self.stores_v_first = layer_idx == first_lsm_layer(config)
+        # later layers: how far each value channel moves toward v_first
+        self.v_lora = (LoRA(linears, D, H * V, lora_rank(1.7, D), lambda t: t)
+                       if config.value_residual and not self.stores_v_first else None)
         self.k_k = nn.Parameter(torch.full((Hl, K), 0.85))
         self.k_a = nn.Parameter(torch.ones(Hl, K))
         self.r_k = nn.Parameter(torch.full((Hl, K), -0.04))
@@ -82,6 +93,8 @@ class RWKV7(Mixer):
         # sigmoid(bias) sets the initial decay: slower in later channels of each head
         self.w_lora.up.bias.copy_(-6 + 6 * channel ** (1 + depth ** 0.3) + 0.5)
         self.a_lora.up.bias.copy_(-0.19 + 0.4 * (channel - 0.5))
+        if self.v_lora is not None:  # sigmoid(bias) ~ 0.6-0.7: start mostly toward v_first, as RWKV7 does
+            self.v_lora.up.bias.copy_(0.73 - 0.4 * (channel - 0.5))
 
     def forward(self, x_BTD, state: MixerState | None = None, cu_seqlens=None, output_state: bool = False):
         check_varlen(x_BTD, cu_seqlens)
@@ -91,7 +104,7 @@ class RWKV7(Mixer):
         r = split_heads(self.r_proj(xr), H)
         w = -W_SCALE * torch.sigmoid(split_heads(self.w_lora(xw), H).float())
         k = split_heads(self.k_proj(xk), H)
-        v = split_heads(self.v_proj(xv), H)
+        v = self._value_residual(split_heads(self.v_proj(xv), H), xv)
         a = torch.sigmoid(split_heads(self.a_lora(xa), H))
         g = self.g_lora(xg)
         kk = F.normalize(k * self.k_k, dim=-1)
@@ -107,3 +120,19 @@ class RWKV7(Mixer):
         o = merge_heads(o + bonus_BTH1 * v) * g
         new_state = {"S": S, "shift": last_ND} if output_state else None
         return self.o_proj(o), new_state
+
+    def _value_residual(self, v_BTHV: torch.Tensor, xv_BTD: torch.Tensor) -> torch.Tensor:
+        """The first LSM layer publishes its value; later ones lerp toward it (``config.value_residual``)."""
+        if not self.config.value_residual:
+            return v_BTHV
+        slot = current_value_residual()
+        if self.stores_v_first:
+            if slot is not None:
+                slot.v_first = v_BTHV
+            return v_BTHV
+        if slot is None or slot.v_first is None:
+            raise ValueError(f"rwkv7 layer {self.layer_idx}: the value residual needs the first LSM layer's value from "
+                             "the same forward; run the mixer inside the model (value_residual_scope), or set "
+                             "ModelConfig.value_residual=False")
+        gate = torch.sigmoid(split_heads(self.v_lora(xv_BTD), self.num_heads))
+        return torch.lerp(v_BTHV, slot.v_first, gate)

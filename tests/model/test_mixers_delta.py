@@ -13,7 +13,9 @@ MIXER_CASES = [
     pytest.param("deltanet", {}, id="deltanet"),
     pytest.param("deltanet", {"conv_size": 0}, id="deltanet-noconv"),
     pytest.param("gated_deltanet", {}, id="gated_deltanet"),
-    pytest.param("rwkv7", {}, id="rwkv7"),
+    # a layer after the first mixes toward v_first, which only a model forward provides: the mixer-level
+    # cases check the recurrence; the value residual is checked in the model (tests below, test_modeling.py)
+    pytest.param("rwkv7", {"value_residual": False}, id="rwkv7"),
 ]
 
 
@@ -95,3 +97,34 @@ def test_token_by_token_decoding_matches_full_forward(name, overrides):
 def test_rwkv7_rejects_different_key_and_value_widths():
     with pytest.raises(ValueError, match="expand_v"):
         preset("tiny", lsm_mixer="rwkv7", expand_v=2.0)
+
+
+def _rwkv7_model(value_residual: bool):
+    from linear_moe.model.modeling import LinearMoEConfig, LinearMoEForCausalLM
+
+    config = preset("tiny", lsm_mixer="rwkv7", layer_pattern="ll", num_layers=2, value_residual=value_residual)
+    torch.manual_seed(0)
+    model = LinearMoEForCausalLM(LinearMoEConfig.from_model_config(config))
+    with torch.no_grad():  # layer 0 writes nothing to the residual stream: only v_first links it to the loss
+        model.model.layers[0].mixer.o_proj.weight.zero_()
+    return model
+
+
+@pytest.mark.parametrize("value_residual", [True, False])
+def test_rwkv7_value_residual_carries_layer_0_value_to_layer_1(value_residual):
+    """With layer 0's output projection zeroed, its value projection reaches the loss only through
+    layer 1's lerp toward v_first: a gradient with the value residual, exactly none without it."""
+    model = _rwkv7_model(value_residual)
+    tokens = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
+    model(tokens, labels=tokens).lm_loss.backward()
+    v_proj = model.model.layers[0].mixer.v_proj.weight.grad
+    assert (v_proj.abs().sum() > 0) == value_residual
+    assert (model.model.layers[1].mixer.v_lora is not None) == value_residual
+    assert model.model.layers[0].mixer.v_lora is None  # the first LSM layer publishes v_first, it does not mix
+
+
+def test_rwkv7_later_layer_outside_a_model_forward_is_an_error():
+    config = preset("tiny", lsm_mixer="rwkv7", layer_pattern="ll", num_layers=2)
+    mixer = MIXERS["rwkv7"](config, layer_idx=1)
+    with pytest.raises(ValueError, match="rwkv7 layer 1: the value residual needs the first LSM layer's value"):
+        mixer(torch.randn(1, 4, config.hidden_size))

@@ -47,9 +47,9 @@ def test_save_and_reload_gives_identical_logits(tmp_path, mixer):
     torch.testing.assert_close(reloaded(batch).logits, expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("mixer", ["gla", "gated_deltanet", "rwkv6"])
-def test_generate_with_recurrent_state_matches_full_recompute(mixer):
-    model = tiny_model(mixer, "LA")
+@pytest.mark.parametrize("mixer, pattern", [("gla", "LA"), ("gated_deltanet", "LA"), ("rwkv6", "LA"), ("rwkv7", "LL")])
+def test_generate_with_recurrent_state_matches_full_recompute(mixer, pattern):
+    model = tiny_model(mixer, pattern)  # rwkv7 "LL": layer 1 mixes toward layer 0's value at every decoded token
     prompt = torch.randint(0, 512, (2, 7))
     generated = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
     tokens = prompt
@@ -60,9 +60,9 @@ def test_generate_with_recurrent_state_matches_full_recompute(mixer):
     torch.testing.assert_close(generated, tokens)
 
 
-@pytest.mark.parametrize("mixer", ["gla", "deltanet"])
-def test_packed_documents_equal_separate_runs(mixer):
-    model = tiny_model(mixer, "LA")
+@pytest.mark.parametrize("mixer, pattern", [("gla", "LA"), ("deltanet", "LA"), ("rwkv7", "LL")])
+def test_packed_documents_equal_separate_runs(mixer, pattern):
+    model = tiny_model(mixer, pattern)
     docs = [torch.randint(0, 512, (1, n)) for n in (5, 17, 9)]
     packed = torch.cat(docs, dim=1)
     cu_seqlens = torch.tensor([0, 5, 22, 31])

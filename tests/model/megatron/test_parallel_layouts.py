@@ -22,6 +22,7 @@ GRAD_RATIO = 1e-4
 GLA_MODEL = dict(layer_pattern="lL", num_layers=2, lsm_mixer="gla", moe_aux_loss_coeff=0.0)
 DELTANET_MODEL = dict(layer_pattern="ll", num_layers=2, lsm_mixer="deltanet")
 HYBRID_MOE_MODEL = dict(layer_pattern="LA", num_layers=2, lsm_mixer="gla", moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3)
+RWKV7_MODEL = dict(layer_pattern="ll", num_layers=2, lsm_mixer="rwkv7")  # value residual: layer 1 reads layer 0's v
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,11 @@ def gla_runs():
 @pytest.fixture(scope="module")
 def deltanet_runs():
     return run_layouts(DELTANET_MODEL, dict(tp2=dict(sizes=dict(tensor=2))))
+
+
+@pytest.fixture(scope="module")
+def rwkv7_runs():
+    return run_layouts(RWKV7_MODEL, dict(tp2=dict(sizes=dict(tensor=2)), pp2=dict(sizes=dict(pipeline=2))))
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +99,33 @@ def test_tp2_grouped_gemm_matches_tp1_per_expert_loss_and_grads(hybrid_moe_runs)
 
 def test_ep2_grouped_gemm_matches_ep1_per_expert_loss_and_grads(hybrid_moe_runs):
     check_matches_reference(hybrid_moe_runs, "ep2_grouped")
+
+
+def test_tp2_matches_tp1_loss_and_grads_rwkv7_value_residual(rwkv7_runs):
+    check_matches_reference(rwkv7_runs, "tp2")
+    v_lora = {name: grad for name, grad in rwkv7_runs["reference"]["grads"].items() if "v_lora" in name}
+    assert v_lora and all(grad.abs().sum() > 0 for grad in v_lora.values()), sorted(v_lora)
+
+
+def test_rwkv7_value_residual_is_refused_with_pipeline_parallel(rwkv7_runs):
+    assert isinstance(rwkv7_runs["pp2"], str) and "needs pipeline_parallel=1" in rwkv7_runs["pp2"]
+
+
+def test_rwkv7_megatron_model_equals_the_hf_model(rwkv7_runs):
+    """The megatron model (v_first through its forward hooks) and the single-device Hugging Face model
+    (v_first through its layer loop) give the same step-0 loss from the same weights."""
+    import torch
+
+    from linear_moe.components.convert.adapter import mcore_to_hf
+    from linear_moe.model import preset
+    from linear_moe.model.modeling import LinearMoEConfig, LinearMoEForCausalLM
+    from megatron_dist_harness import _batch
+
+    model_config = preset("tiny", **RWKV7_MODEL)
+    model = LinearMoEForCausalLM(LinearMoEConfig.from_model_config(model_config)).eval()
+    model.load_state_dict(mcore_to_hf(rwkv7_runs["reference"]["initial"]), strict=True)
+    batch = _batch(model_config.vocab_size)
+    tokens = torch.cat([batch["tokens"], batch["labels"][:, -1:]], dim=1)  # the HF model shifts its labels
+    with torch.no_grad():
+        loss = model(tokens, labels=tokens).lm_loss
+    assert_rel_close("step-0 loss", rwkv7_runs["reference"]["losses"][0], loss, 1e-5)
