@@ -110,9 +110,8 @@ def evaluate(
     run_names = [n for name in task_names for n in (builtin if name == BUILTIN else [name])]
     manager = harness.make_task_manager(tasks_dir, [n for n in run_names if n not in builtin])  # names unknown/offline
 
-    results = harness.run_lm_eval(model, tok, run_names, tasks_dir, builtin_tasks=builtin, batch_size=batch_size,
-                                  limit=limit, seed=seed, max_length=max_length, bootstrap_iters=bootstrap_iters,
-                                  task_manager=manager)
+    results = harness.run_lm_eval(model, tok, run_names, manager, batch_size=batch_size, limit=limit, seed=seed,
+                                  max_length=max_length, bootstrap_iters=bootstrap_iters)
     results = json.loads(json.dumps(results, default=harness.json_default))  # what results.json holds
     rows = harness.metric_rows(results)
     metrics = harness.flat_metrics(results)
@@ -130,7 +129,7 @@ def evaluate(
     atomic_write_json(out / METRICS_FILE, metrics)
     atomic_write_text(out / TABLE_FILE, report.markdown_table(rows))
     atomic_write_json(out / SAMPLES_FILE, samples)
-    report.write_plots(out / PLOTS_DIR, rows, train_records, rendered)
+    report.write_plots(out / PLOTS_DIR, rendered)
     atomic_write_text(out / REPORT_FILE, html)
     return EvaluateResult(out, metrics, results)
 

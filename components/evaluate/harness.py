@@ -2,7 +2,8 @@
 
 Offline by default (``HF_DATASETS_OFFLINE=1``, ``HF_HUB_OFFLINE=1`` unless already set): a
 standard task (piqa, hellaswag, arc_easy, ...) runs only when its dataset is in the local Hugging
-Face datasets cache; otherwise :func:`run_lm_eval` raises a ``ValueError`` naming the task.
+Face datasets cache; otherwise :func:`make_task_manager` raises a ``ValueError`` naming the task,
+before the model runs.
 """
 from __future__ import annotations
 
@@ -44,24 +45,23 @@ def make_task_manager(tasks_dir: Path, standard_tasks: Sequence[str], include_de
     return manager
 
 
-def run_lm_eval(model, tokenizer, tasks: Sequence[str], tasks_dir: Path, *, builtin_tasks: Sequence[str],
-                batch_size: int = 8, limit: int | float | None = None, seed: int = 1234,
-                max_length: int | None = None, bootstrap_iters: int = 100000, task_manager=None) -> dict:
+def run_lm_eval(model, tokenizer, tasks: Sequence[str], task_manager, *, batch_size: int = 8,
+                limit: int | float | None = None, seed: int = 1234, max_length: int | None = None,
+                bootstrap_iters: int = 100000) -> dict:
     """``lm_eval.simple_evaluate`` of ``model`` on ``tasks``; returns lm-eval's results dict
     (``results``, ``configs``, ``versions``, ``n-shot``, ``higher-is-better``, ``n-samples``, ...)
-    without per-sample logs. ``max_length=None`` uses the model config's ``max_position_embeddings``.
-    ``task_manager``: one :func:`make_task_manager` already built (and checked) for these tasks."""
+    without per-sample logs. ``task_manager``: the :func:`make_task_manager` built (and so checked)
+    for these tasks. ``max_length=None`` uses the model config's ``max_position_embeddings``."""
     _offline_env()
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    manager = task_manager or make_task_manager(tasks_dir, [t for t in tasks if t not in builtin_tasks])
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu",
               max_length=max_length or getattr(model.config, "max_position_embeddings", None))
     results = lm_eval.simple_evaluate(
         model=lm,
         tasks=list(tasks),
-        task_manager=manager,
+        task_manager=task_manager,
         limit=limit,
         log_samples=False,
         bootstrap_iters=bootstrap_iters,

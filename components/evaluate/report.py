@@ -164,17 +164,13 @@ def render_plots(rows: Sequence[Row], train_records: Sequence[dict]) -> dict[str
             EXPERT_LOAD_PLOT: expert_load_png(train_records)}
 
 
-def write_plots(plot_dir: Path, rows: Sequence[Row], train_records: Sequence[dict],
-                rendered: dict[str, bytes | None] | None = None) -> dict[str, bytes]:
-    """Render the plots that have data (or take ``rendered`` from :func:`render_plots`) and write each
-    PNG (atomically) into ``plot_dir``; returns ``{file name: png bytes}`` of those."""
+def write_plots(plot_dir: Path, rendered: dict[str, bytes | None]) -> None:
+    """Write each PNG of :func:`render_plots` (atomically) into ``plot_dir``; a plot without data this
+    run removes a previous run's file, so the directory matches the report."""
     from linear_moe.components.evaluate.files import atomic_write_bytes
 
-    if rendered is None:
-        rendered = render_plots(rows, train_records)
     for name, png in rendered.items():
         if png is not None:
             atomic_write_bytes(Path(plot_dir) / name, png)
-        else:  # no data this run: drop a previous run's plot so the directory matches the report
+        else:
             (Path(plot_dir) / name).unlink(missing_ok=True)
-    return {name: png for name, png in rendered.items() if png is not None}
