@@ -43,7 +43,7 @@ class TrainConfig:
     adam_beta1: float = 0.9  # AdamW beta1
     adam_beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # global gradient-norm clip (0 disables)
-    optimizer: str = "torch"  # torch (AdamW) | megatron (CUDA only: fp32 master weights, distributed optimizer)
+    optimizer: str = "torch"  # torch (AdamW; fp32 masters for bf16) | megatron (CUDA only; distributed optimizer)
     distributed_optimizer: bool = True  # megatron optimizer only: shard its state over data-parallel ranks
     seed: int = 1234  # model init, data order
 

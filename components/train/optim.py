@@ -1,8 +1,11 @@
 """Optimizers for the trainer, behind one small interface, chosen by ``TrainConfig.optimizer``.
 
-``torch``     torch AdamW over the model's own parameters (fp32 on CPU). Gradients come from DDP's
-              fp32 ``main_grad`` buffers; the global norm is clipped here, counting TP duplicates once.
-              Its state is saved per rank as safetensors.
+``torch``     torch AdamW. fp32 parameters (the CPU) are stepped in place; any other (bf16 on GPU)
+              through an fp32 master copy that is cast back after each step, as megatron's
+              mixed-precision optimizer does, so updates below bf16's resolution accumulate instead of
+              rounding away. Gradients come from DDP's fp32 ``main_grad`` buffers; the global norm is
+              clipped here, counting TP duplicates once. Its state (and the master copies) is saved per
+              rank as safetensors.
 ``megatron``  megatron-core's optimizer (CUDA only, opt-in): fp32 master weights for bf16
               parameters, the distributed optimizer (state sharded over data-parallel ranks) when
               ``TrainConfig.distributed_optimizer``, and megatron's own clipping. Its state is saved
@@ -31,14 +34,16 @@ from linear_moe.components.train.checkpoint import model_sharded_state_dict, unw
 
 
 class TorchAdamW:
-    """torch AdamW; no weight decay on norms, biases and other 1-D parameters."""
+    """torch AdamW; no weight decay on norms, biases and other 1-D parameters; fp32 master weights
+    for parameters that are not fp32."""
 
     def __init__(self, model_chunks: list[torch.nn.Module], config) -> None:
         self.params = [p for chunk in model_chunks for p in chunk.parameters() if p.requires_grad]
+        self.masters = [_fp32_master(p) for p in self.params]  # what AdamW steps: the parameter itself if fp32
         self.grad_clip = config.grad_clip
         self.device = self.params[0].device
-        decay = [p for p in self.params if p.ndim >= 2]
-        no_decay = [p for p in self.params if p.ndim < 2]
+        decay = [m for m in self.masters if m.ndim >= 2]
+        no_decay = [m for m in self.masters if m.ndim < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=1e-8)
@@ -51,17 +56,24 @@ class TorchAdamW:
         self.optimizer.zero_grad(set_to_none=True)
 
     def step(self) -> float:
-        """Take DDP's reduced fp32 ``main_grad``, clip the global norm, step; returns the norm before clipping."""
-        for param in self.params:
-            main_grad = getattr(param, "main_grad", None)
-            if main_grad is not None:
-                param.grad = main_grad.to(param.dtype)
-        norm = clip_global_grad_norm([p for p in self.params if p.grad is not None], self.grad_clip, self.device)
+        """Take DDP's reduced fp32 ``main_grad``, clip the global norm, step, cast the masters back into
+        the model; returns the norm before clipping."""
+        for param, master in zip(self.params, self.masters):
+            grad = getattr(param, "main_grad", None)
+            if grad is None:
+                grad = param.grad
+            master.grad = None if grad is None else grad.to(master.dtype)
+        norm = clip_global_grad_norm([m for m in self.masters if m.grad is not None], self.grad_clip, self.device)
         self.optimizer.step()
+        self._copy_masters_to_model()
         return norm
 
     def reload_model_params(self) -> None:
-        """Nothing to do: torch AdamW steps the model's own parameters."""
+        """The master copies follow the model's (newly loaded) parameters; :meth:`load` then restores
+        the saved masters, which the model's low-precision weights only approximate."""
+        with torch.no_grad():
+            for param, master in self._master_pairs():
+                master.copy_(param)
 
     def save(self, directory: Path, model_chunks: list[torch.nn.Module]) -> None:
         from safetensors.torch import save_file
@@ -70,6 +82,8 @@ class TorchAdamW:
         tensors = {f"state.{index}.{name}": value.detach().contiguous().cpu()
                    for index, entry in state["state"].items() for name, value in entry.items()
                    if isinstance(value, torch.Tensor)}
+        tensors.update({f"master.{index}": master.detach().contiguous().cpu()
+                        for index, (param, master) in enumerate(zip(self.params, self.masters)) if master is not param})
         scalars = {f"{index}.{name}": value for index, entry in state["state"].items()
                    for name, value in entry.items() if not isinstance(value, torch.Tensor)}
         stem = directory / f"rank_{dist.get_rank():05d}"
@@ -86,14 +100,46 @@ class TorchAdamW:
             raise ValueError(f"optimizer state {stem}.safetensors is missing: was the checkpoint written with a "
                              f"different number of ranks, or by TrainConfig.optimizer='megatron'?")
         state: dict[int, dict[str, Any]] = {}
+        masters: dict[int, torch.Tensor] = {}
         for key, value in load_file(str(stem.with_suffix(".safetensors"))).items():
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
+            kind, rest = key.split(".", 1)
+            if kind == "master":
+                masters[int(rest)] = value
+            else:
+                index, name = rest.split(".", 1)
+                state.setdefault(int(index), {})[name] = value
         meta = json.loads(stem.with_suffix(".json").read_text())
         for key, value in meta["scalars"].items():
             index, name = key.split(".", 1)
             state.setdefault(int(index), {})[name] = value
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        with torch.no_grad():  # a checkpoint written from fp32 parameters has none: reload_model_params' copies stay
+            for index, value in masters.items():
+                self.masters[index].copy_(value)
+        self._copy_masters_to_model()
+
+    def _master_pairs(self):
+        return [(p, m) for p, m in zip(self.params, self.masters) if m is not p]
+
+    def _copy_masters_to_model(self) -> None:
+        with torch.no_grad():
+            for param, master in self._master_pairs():
+                param.copy_(master)
+
+
+def _fp32_master(param: torch.nn.Parameter) -> torch.Tensor:
+    """``param`` itself if fp32, else an fp32 copy carrying the attributes the gradient clip reads
+    (tensor-parallel layout, and ``allreduce``: False on expert parameters)."""
+    if param.dtype == torch.float32:
+        return param
+    from megatron.core.tensor_parallel import copy_tensor_model_parallel_attributes
+
+    master = param.detach().clone().float()
+    copy_tensor_model_parallel_attributes(master, param)
+    for name in ("allreduce", "shared"):
+        if hasattr(param, name):
+            setattr(master, name, getattr(param, name))
+    return master
 
 
 #: how the distributed optimizer lays out its state in a checkpoint: megatron-core 0.16.1's default,

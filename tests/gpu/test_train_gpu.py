@@ -9,7 +9,8 @@ Tolerances are relative errors on the per-step losses:
 * fp32, megatron optimizer (distributed) vs torch AdamW: 1e-4 (the same AdamW arithmetic; fla's
   backward kernels may sum in a different order between runs);
 * bf16 parameters with fp32 master weights vs the fp32 run: 3e-2 over 6 steps;
-* recompute=full vs none, and resume vs uninterrupted, in bf16: 1e-3.
+* recompute=full vs none, resume vs uninterrupted, and the default torch AdamW (fp32 masters) vs
+  megatron's optimizer, in bf16 without clipping: 1e-3.
 """
 from __future__ import annotations
 
@@ -90,6 +91,15 @@ def test_bf16_with_distributed_optimizer_tracks_fp32(world):
     assert model.config.bf16 and all(p.dtype == torch.bfloat16 for p in model.parameters())
     losses = _run(model, optimizer, batches)
     assert _rel(losses, reference) <= 3e-2, (losses, reference)
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_default_torch_adamw_in_bf16_matches_megatron_mixed_precision(world):
+    batches = _batches(_config().model_config().vocab_size, STEPS)
+    reference = _run(*_build(_config(optimizer="megatron", distributed_optimizer=False, grad_clip=0.0),
+                             torch.bfloat16), batches)
+    losses = _run(*_build(_config(optimizer="torch", grad_clip=0.0), torch.bfloat16), batches)
+    assert _rel(losses, reference) <= 1e-3, (losses, reference)
     assert losses[-1] < losses[0] - 0.1, losses
 
 
