@@ -32,7 +32,8 @@ import torch
 
 import torch.nn.functional as F
 
-from benchmarks.common import cuda_seconds, write_json_atomic
+from benchmarks.common import cuda_seconds
+from linear_moe.components.files import atomic_write_json
 from linear_moe.kernels.backend import fla_gated_backward_refused
 
 Inputs = dict[str, Any]
@@ -411,7 +412,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "summary": summarise(rows, args),
             "errors": errors,
         }
-        write_json_atomic(args.out, payload)
+        atomic_write_json(args.out, payload)
         return payload
 
     for op in args.ops:

@@ -37,7 +37,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from benchmarks.common import cuda_seconds, write_json_atomic
+from benchmarks.common import cuda_seconds
+from linear_moe.components.files import atomic_write_json
 
 
 # ---------------------------------------------------------------------------------- analytic sizes
@@ -219,7 +220,7 @@ def measure_cuda(args: argparse.Namespace, result: dict) -> None:
         result["sp1_overhead"] = time_sp1_overhead(args)
     except ImportError as err:  # fla is optional on a bare GPU image
         result["sp1_overhead"] = f"skipped: {err}"
-    write_json_atomic(args.out, result)
+    atomic_write_json(args.out, result)
     result["correction"] = time_correction(args)
 
 
@@ -229,7 +230,7 @@ def run(args: argparse.Namespace) -> dict:
               "python": platform.python_version(), "torch": torch.__version__, "complete": False,
               "comm": [] if args.skip_comm else measure_comm(args)}
     if args.device == "cuda":
-        write_json_atomic(args.out, result)  # a run cut short keeps the communication figures
+        atomic_write_json(args.out, result)  # a run cut short keeps the communication figures
         measure_cuda(args, result)
     result["complete"] = True
     return result
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device visible")
     result = run(args)
-    write_json_atomic(args.out, result)
+    atomic_write_json(args.out, result)
     bad = [r for r in result["comm"] if not r["measured_equals_analytic"]]
     print(f"wrote {args.out}: {len(result['comm'])} comm rows, {len(bad)} differing from the analytic size")
     return result

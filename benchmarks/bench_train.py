@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.common import write_json_atomic
+from linear_moe.components.files import atomic_write_json
 
 from linear_moe.components.train.distributed import world_of_one
 
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "summary": suite.summarise(rows),
             "wall_s": time.perf_counter() - started,
         }
-        write_json_atomic(args.out, payload)
+        atomic_write_json(args.out, payload)
         return payload
 
     with world_of_one():

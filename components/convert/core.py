@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from linear_moe.components.convert import adapter, hf_io, megatron_io
-from linear_moe.components.tokenize.outputs import atomic_dir, check_replaceable
+from linear_moe.components.files import atomic_dir, check_replaceable
 from linear_moe.components.train.checkpoint import STATE_FILE
 
 DIRECTIONS = ("mcore-to-hf", "hf-to-mcore")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from linear_moe.components.evaluate import inputs
-from linear_moe.components.evaluate.files import atomic_write_json, atomic_write_text
+from linear_moe.components.files import atomic_write_json, atomic_write_text
 from linear_moe.components.evaluate.tasks import BUILTIN, read_documents, write_suite
 
 TASKS_DIR = "tasks"

@@ -167,7 +167,7 @@ def render_plots(rows: Sequence[Row], train_records: Sequence[dict]) -> dict[str
 def write_plots(plot_dir: Path, rendered: dict[str, bytes | None]) -> None:
     """Write each PNG of :func:`render_plots` (atomically) into ``plot_dir``; a plot without data this
     run removes a previous run's file, so the directory matches the report."""
-    from linear_moe.components.evaluate.files import atomic_write_bytes
+    from linear_moe.components.files import atomic_write_bytes
 
     for name, png in rendered.items():
         if png is not None:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from linear_moe.components.evaluate.files import atomic_write_text
+from linear_moe.components.files import atomic_write_text
 
 PERPLEXITY_TASK = "heldout_perplexity"
 CLOZE_TASK = "heldout_cloze"

@@ -83,8 +83,8 @@ def tokenize(
 
     from linear_moe.components.tokenize import bpe
     from linear_moe.components.tokenize.corpus import Corpus, CorpusError, discover_files
-    from linear_moe.components.tokenize.outputs import (atomic_dir, check_replaceable, hash_tree, sha256_file,
-                                                        write_json)
+    from linear_moe.components.files import atomic_dir, atomic_write_json, check_replaceable
+    from linear_moe.components.tokenize.outputs import hash_tree, sha256_file
     from linear_moe.components.tokenize.split import assign_splits, check_fractions
 
     params = dict(corpus=None if corpus is None else str(corpus), text_field=text_field,
@@ -138,10 +138,10 @@ def tokenize(
             raise CorpusError(f"corpus {corpus!r} changed while it was being read; rerun")
 
         stats = _stats(totals, vocab, eod_id, len(files), source)
-        write_json(tmp / STATS_FILE, stats)
+        atomic_write_json(tmp / STATS_FILE, stats)
         inputs = {p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p): sha256_file(p)
                   for p in files}
-        write_json(tmp / MANIFEST_FILE, {"inputs": inputs, "outputs": hash_tree(tmp, exclude=(MANIFEST_FILE,)),
+        atomic_write_json(tmp / MANIFEST_FILE, {"inputs": inputs, "outputs": hash_tree(tmp, exclude=(MANIFEST_FILE,)),
                                          "params": params})
     return TokenizeResult(output_dir, stats)
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from linear_moe.components.tokenize.corpus import shakespeare_files
-from linear_moe.components.tokenize.outputs import atomic_dir
+from linear_moe.components.files import atomic_dir
 
 
 def prepare(out: str | Path) -> list[Path]:

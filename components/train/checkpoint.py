@@ -24,6 +24,8 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from linear_moe.components.files import atomic_write_json
+
 STEP_DIR = re.compile(r"^step_(\d{7})$")
 STATE_FILE = "train_state.json"
 #: seconds to wait between writing a checkpoint and committing it (tests kill the run in this window)
@@ -66,7 +68,7 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: list[torch.nn.Mod
     if COMMIT_DELAY_ENV in os.environ:  # fault injection for the kill-and-resume test
         time.sleep(float(os.environ[COMMIT_DELAY_ENV]))
     if rank == 0:
-        write_json_atomic(partial / STATE_FILE, {**train_state, "step": step})
+        atomic_write_json(partial / STATE_FILE, {**train_state, "step": step})
         previous = final.with_name(final.name + ".old")
         if final.exists():  # a re-save of the same step: move the old one aside, never delete it first
             shutil.rmtree(previous, ignore_errors=True)
@@ -150,8 +152,3 @@ def unwrap_model(module: torch.nn.Module) -> torch.nn.Module:
         module = module.module
     return module
 
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)

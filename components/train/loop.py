@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from linear_moe.components.files import atomic_write_json
 from linear_moe.components.train import checkpoint as ckpt
 from linear_moe.components.train.config import TrainConfig
 from linear_moe.components.train.data import build_datasets, check_dataset, microbatches, read_tokenizer_info
@@ -57,8 +58,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                   if rank == 0 else None)
         if rank == 0:
             output_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.write_json_atomic(output_dir / "model_config.json", model_config.to_dict())
-            ckpt.write_json_atomic(output_dir / "train_config.json", config.to_dict())
+            atomic_write_json(output_dir / "model_config.json", model_config.to_dict())
+            atomic_write_json(output_dir / "train_config.json", config.to_dict())
         record: dict[str, Any] = {}
         progress = _progress(rank, start_step, config.steps)
         for step in range(start_step, config.steps):

@@ -30,7 +30,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from linear_moe.components.train.checkpoint import model_sharded_state_dict, unwrap_model, write_json_atomic
+from linear_moe.components.files import atomic_write_json
+from linear_moe.components.train.checkpoint import model_sharded_state_dict, unwrap_model
 
 
 class TorchAdamW:
@@ -90,7 +91,7 @@ class TorchAdamW:
         tmp = stem.with_suffix(".safetensors.tmp")
         save_file(tensors, str(tmp))
         os.replace(tmp, stem.with_suffix(".safetensors"))
-        write_json_atomic(stem.with_suffix(".json"), {"param_groups": state["param_groups"], "scalars": scalars})
+        atomic_write_json(stem.with_suffix(".json"), {"param_groups": state["param_groups"], "scalars": scalars})
 
     def load(self, directory: Path, model_chunks: list[torch.nn.Module]) -> None:
         from safetensors.torch import load_file

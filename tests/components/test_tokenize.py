@@ -474,7 +474,8 @@ def test_dvc_repro_offline_in_fresh_repo(tmp_path):
     shutil.copytree(REPO / "components" / "tokenize", repo / "components" / "tokenize",
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
-    shutil.copy(REPO / "components" / "params.py", repo / "components" / "params.py")  # a dep of the stage
+    for dep in ("params.py", "files.py"):  # the stage's other deps
+        shutil.copy(REPO / "components" / dep, repo / "components" / dep)
     import yaml
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
