@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import cuda_seconds
 from linear_moe.components.files import atomic_write_json
+from linear_moe.kernels.autotune import current_limit
 from linear_moe.kernels.backend import fla_gated_backward_refused
 
 Inputs = dict[str, Any]
@@ -401,6 +402,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "dtype": args.dtype, "B": args.batch, "H": args.heads, "K": args.head_dim, "V": args.head_dim,
                 "seq_lens": args.seq_lens, "repeats": args.repeats, "statistic": "median",
                 "threads": torch.get_num_threads(), "torch": torch.__version__, "max_seconds": args.max_seconds,
+                "autotune_configs": current_limit(),  # None: Triton tuned every kernel fully (kernels.autotune)
                 "mode": {"forward": "forward only, torch.no_grad, output_final_state=True",
                          "train": "forward + backward of a random output gradient into every input, "
                                   "output_final_state=True"}[args.mode],

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import cuda_seconds
 from linear_moe.components.files import atomic_write_json
+from linear_moe.kernels.autotune import current_limit
 
 
 # ---------------------------------------------------------------------------------- analytic sizes
@@ -228,6 +229,7 @@ def measure_cuda(args: argparse.Namespace, result: dict) -> None:
 def run(args: argparse.Namespace) -> dict:
     result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "python": platform.python_version(), "torch": torch.__version__, "complete": False,
+              "autotune_configs": current_limit(),  # None: Triton tuned every kernel fully (kernels.autotune)
               "comm": [] if args.skip_comm else measure_comm(args)}
     if args.device == "cuda":
         atomic_write_json(args.out, result)  # a run cut short keeps the communication figures

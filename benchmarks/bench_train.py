@@ -40,8 +40,8 @@ from typing import Any, Callable
 import torch
 
 from linear_moe.components.files import atomic_write_json
-
 from linear_moe.components.train.distributed import world_of_one
+from linear_moe.kernels.autotune import current_limit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -310,7 +310,8 @@ def _versions() -> dict[str, Any]:
         fla_version = getattr(fla, "__version__", None) or _version("fla-core")
     return {"python": platform.python_version(), "torch": torch.__version__, "fla": fla_version,
             "triton": _version("triton"),
-            "megatron_core": _version("megatron-core"), "cuda": torch.version.cuda}
+            "megatron_core": _version("megatron-core"), "cuda": torch.version.cuda,
+            "autotune_configs": current_limit()}  # None: Triton tuned every kernel fully (kernels.autotune)
 
 
 def _int_list(text: str) -> list[int]:

@@ -21,7 +21,8 @@
 # (set +e); every benchmark rewrites its JSON after each case, so a step cut short keeps its figures.
 # Measured on an H200 (2026-11-26): with a cold Triton cache every step of the first version ran out of
 # its (then halved) time in fla's first compilations and autotuning (fla 0.6.0, Triton 3.6). The
-# timeouts below assume a cold cache; TRITON_CACHE_AUTOTUNING=1 lets later steps reuse earlier tuning.
+# timeouts below assume a cold cache; TRITON_CACHE_AUTOTUNING=1 lets later steps reuse earlier tuning,
+# and LINEAR_MOE_AUTOTUNE_CONFIGS=1 (the default here) skips the tuning.
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 set +e
 OUT=${OUT:-$PWD/benchmarks/results/gpu}
@@ -29,6 +30,9 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # keep autotuning results with the compiled kernels (Triton >= 3.4 reads it), so a step reuses the last one's
 export TRITON_CACHE_AUTOTUNING=1
+# one config per autotuned kernel (linear_moe.kernels.autotune): one compilation each instead of tens, so a cold
+# cache fits a 15-minute session; every JSON records the bound ("autotune_configs"). Set it empty for full tuning.
+export LINEAR_MOE_AUTOTUNE_CONFIGS=${LINEAR_MOE_AUTOTUNE_CONFIGS-1}
 LOG="$OUT/suite.log"
 log() { echo "$*" | tee -a "$LOG"; }
 

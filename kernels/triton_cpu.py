@@ -27,7 +27,6 @@ idempotent; a process that imported kernels in compiled mode gets a ``RuntimeErr
 from __future__ import annotations
 
 import ast
-import functools
 import os
 import subprocess
 import sys
@@ -85,15 +84,9 @@ def _check_no_compiled_kernels() -> None:
 # ---------------------------------------------------------------------------------- autotune
 @register_patch("autotune")
 def _patch_autotune() -> None:
-    from triton.runtime.autotuner import Autotuner
+    from linear_moe.kernels.autotune import limit_autotune
 
-    original = Autotuner.prune_configs
-
-    @functools.wraps(original)
-    def prune_to_first(self, kwargs):
-        return original(self, kwargs)[:1]
-
-    Autotuner.prune_configs = prune_to_first
+    limit_autotune(1)
 
 
 # ---------------------------------------------------------------------------------- bf16
