@@ -58,7 +58,7 @@ class ModelConfig:
     moe_router: str = "softmax_topk"  # softmax_topk | mixtral (renormalised top-k) | sigmoid_bias
     moe_aux_loss_coeff: float = 1e-2  # load-balancing loss weight (0 for sigmoid_bias)
     moe_z_loss_coeff: float = 1e-3  # router z-loss weight
-    moe_capacity_factor: float | None = None  # None = dropless; else tokens beyond capacity drop
+    moe_capacity_factor: float | None = None  # None = dropless; else each expert keeps its ceil(T*K/E*c) heaviest
     moe_bias_update_rate: float = 1e-3  # sigmoid_bias: step of the balancing-bias update
 
     # --- derived (set in __post_init__, not serialised) ---

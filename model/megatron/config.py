@@ -48,8 +48,9 @@ def transformer_config(
     the same full state dict, init and HF export. It is opt-in (``TrainConfig.moe_grouped_gemm``): it
     matches ``SequentialMLP`` on CPU, but has not yet been run on a GPU. GroupedMLP needs ``bf16=True`` (megatron asserts it in the
     forward); CPU tests pass ``bf16=True`` as an override with fp32 ``params_dtype``.
-    Capacity dropping keeps assignments in token order ("position"), as the single-device
-    ``model/moe`` does, so trained and exported models drop the same tokens.
+    Capacity dropping keeps each expert's highest-weight assignments ("probs"), as the single-device
+    ``model/moe`` does, so trained and exported models drop the same tokens. (megatron's "position"
+    policy takes ``torch.topk`` of a 0/1 map, whose ties come back in no defined order.)
     Sequence parallelism is on whenever ``parallel.tensor > 1``: megatron's MoE requires it with TP,
     and the mixer adapter relies on it to sum the gradients of TP-replicated mixer parameters.
     ``overrides`` go to ``TransformerConfig`` last (e.g. ``moe_token_dispatcher_type="allgather"``).
@@ -118,7 +119,7 @@ def transformer_config(
             moe_router_load_balancing_type="aux_loss" if mc.moe_aux_loss_coeff > 0 else "none",
             moe_z_loss_coeff=mc.moe_z_loss_coeff or None,
             moe_expert_capacity_factor=mc.moe_capacity_factor,
-            moe_token_drop_policy="position",
+            moe_token_drop_policy="probs",  # what model/moe/experts.dispatch does
             moe_router_bias_update_rate=mc.moe_bias_update_rate,
             moe_token_dispatcher_type="alltoall",
             moe_grouped_gemm=moe_grouped_gemm,

@@ -27,33 +27,40 @@ class Dispatch:
 
 
 def expert_capacity(capacity_factor: float | None, num_tokens: int, top_k: int, num_experts: int) -> int | None:
-    """``ceil(c * T * K / E)`` assignments per expert, or ``None`` (dropless) when ``c`` is ``None``."""
+    """``ceil(T * K / E * c)`` assignments per expert (megatron's ``get_capacity``, evaluated in its
+    order), or ``None`` (dropless) when ``c`` is ``None``."""
     if capacity_factor is None:
         return None
-    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+    return math.ceil((num_tokens * top_k / num_experts) * capacity_factor)
 
 
 def dispatch(topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor, num_experts: int,
              capacity: int | None = None) -> Dispatch:
-    """Sort the ``T*K`` assignments by expert and drop those past ``capacity`` in token order."""
+    """Sort the ``T*K`` assignments by expert, token order kept within an expert.
+
+    With ``capacity``, each expert keeps its ``capacity`` highest-weight assignments and drops the
+    rest: megatron's "probs" drop policy, so the trained (megatron) and exported models drop the same
+    tokens. Equal weights (top-1 with renormalisation gives every token weight 1) keep the earlier
+    token here, while megatron's ``torch.topk`` breaks such ties in no defined order.
+    """
     num_tokens, top_k = topk_idx_TK.shape
     expert_flat = topk_idx_TK.reshape(-1)
     order_A = torch.argsort(expert_flat, stable=True)  # A = T*K; stable keeps token order per expert
-    expert_A = expert_flat[order_A]
     routed_E = torch.bincount(expert_flat, minlength=num_experts)
-    if capacity is None:
-        keep_A = None
-        kept_E = routed_E
-    else:
+    kept_E = routed_E
+    if capacity is not None:
+        heaviest_A = torch.argsort(topk_weight_TK.detach().reshape(-1), descending=True, stable=True)
+        ranked_A = heaviest_A[torch.argsort(expert_flat[heaviest_A], stable=True)]  # by expert, heaviest first
         start_E = torch.cumsum(routed_E, 0) - routed_E
-        rank_A = torch.arange(expert_A.numel(), device=expert_A.device) - start_E[expert_A]
-        keep_A = rank_A < capacity
-        order_A, expert_A = order_A[keep_A], expert_A[keep_A]
+        rank_A = torch.arange(ranked_A.numel(), device=ranked_A.device) - start_E[expert_flat[ranked_A]]
+        keep_A = torch.zeros_like(expert_flat, dtype=torch.bool)
+        keep_A[ranked_A[rank_A < capacity]] = True
+        order_A = order_A[keep_A[order_A]]
         kept_E = routed_E.clamp(max=capacity)
     return Dispatch(
         token_N=order_A // top_k,
         weight_N=topk_weight_TK.reshape(-1)[order_A],
-        expert_N=expert_A,
+        expert_N=expert_flat[order_A],
         kept_per_expert_E=kept_E,
         routed_per_expert_E=routed_E,
         dropped=routed_E.sum() - kept_E.sum(),

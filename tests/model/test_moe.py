@@ -60,27 +60,32 @@ def _silu(x):
 def reference_moe(layer: MoELayer, x_BTD: torch.Tensor, capacity: int | None = None):
     """Dense per-token loop: ``y_t = sum_j w_tj * expert_{e_tj}(x_t) + shared(x_t)``.
 
-    Assignments are visited in token order; one beyond ``capacity`` for its expert contributes 0.
+    With ``capacity``, each expert keeps the ``capacity`` assignments of largest weight (equal
+    weights: the earlier token) and the others contribute 0.
     Returns ``(y_BTD, aux_loss, z_loss, routed_counts, dropped)`` with the layer's coefficients.
     """
     router, experts = layer.router, layer.experts
     E, k = layer.num_experts, layer.top_k
     bias_E = getattr(router, "expert_bias_E", torch.zeros(E))
     x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
-    counts, dropped, rows, probs, z_terms = [0] * E, 0, [], [], []
+    routes, probs, z_terms = [], [], []
     for x_D in x_TD:
         logits_E = torch.stack([(router.weight[e] * x_D).sum() for e in range(E)])
         idx, weights, probs_E = _reference_route(router.registry_name, logits_E, bias_E, k)
+        routes.append(list(zip(idx, weights)))
         probs.append(probs_E)
         z_terms.append(torch.log(torch.exp(logits_E).sum()) ** 2)
+    by_expert = {e: sorted(((float(w), t, j) for t, route in enumerate(routes) for j, (e2, w) in enumerate(route)
+                            if e2 == e), key=lambda item: (-item[0], item[1], item[2])) for e in range(E)}
+    kept = {(t, j) for e in range(E) for _, t, j in by_expert[e][:capacity]}  # [:None] keeps all
+    counts = [len(by_expert[e]) for e in range(E)]
+    rows = []
+    for t, x_D in enumerate(x_TD):
         y_D = torch.zeros_like(x_D)
-        for e, w in zip(idx, weights):
-            if capacity is None or counts[e] < capacity:
+        for j, (e, w) in enumerate(routes[t]):
+            if (t, j) in kept:
                 h_F = _silu(x_D @ experts.gate_EDF[e]) * (x_D @ experts.up_EDF[e])
                 y_D = y_D + w * (h_F @ experts.down_EFD[e])
-            else:
-                dropped += 1
-            counts[e] += 1
         if layer.shared_experts is not None:
             mlp = layer.shared_experts
             shared_D = (_silu(mlp.gate_proj.weight @ x_D) * (mlp.up_proj.weight @ x_D)) @ mlp.down_proj.weight.T
@@ -93,7 +98,7 @@ def reference_moe(layer: MoELayer, x_BTD: torch.Tensor, capacity: int | None = N
     aux = E * sum(counts[e] / (T * k) * mean_prob_E[e] for e in range(E))
     z = torch.stack(z_terms).mean()
     return (torch.stack(rows).reshape(x_BTD.shape), layer.aux_loss_coeff * aux, layer.z_loss_coeff * z,
-            counts, dropped)
+            counts, T * k - len(kept))
 
 
 def _grads(loss, tensors):
@@ -137,7 +142,7 @@ def test_layer_matches_per_token_loop(make_config, router, shared):
 
 @pytest.mark.parametrize("capacity_factor", [0.5, 1.0])
 @pytest.mark.parametrize("router", ["softmax_topk", "mixtral"])
-def test_capacity_drops_match_token_order_loop(make_config, router, capacity_factor):
+def test_capacity_drops_match_heaviest_first_loop(make_config, router, capacity_factor):
     layer = MoELayer(make_config(moe_router=router, moe_capacity_factor=capacity_factor, num_shared_experts=1))
     with torch.no_grad():  # skew the router so that some experts overflow at either factor
         layer.router.weight[0] += 1.0
@@ -145,6 +150,20 @@ def test_capacity_drops_match_token_order_loop(make_config, router, capacity_fac
     capacity = math.ceil(capacity_factor * 12 * 2 / 4)
     stats = _check_against_reference(layer, x_BTD, capacity)
     assert int(stats.dropped) > 0
+
+
+def test_capacity_keeps_the_heaviest_assignments_not_the_earliest():
+    """Expert 0 gets four tokens with rising weights and capacity 2: the last two stay. Equal weights
+    keep the earlier token."""
+    from linear_moe.model.moe import dispatch
+
+    idx_TK = torch.tensor([[0], [0], [0], [0], [1]])
+    plan = dispatch(idx_TK, torch.tensor([[0.1], [0.2], [0.3], [0.4], [0.5]]), num_experts=2, capacity=2)
+    assert plan.token_N.tolist() == [2, 3, 4] and plan.expert_N.tolist() == [0, 0, 1]
+    assert plan.kept_per_expert_E.tolist() == [2, 1] and plan.routed_per_expert_E.tolist() == [4, 1]
+    assert int(plan.dropped) == 2
+    tied = dispatch(idx_TK, torch.ones(5, 1), num_experts=2, capacity=2)
+    assert tied.token_N.tolist() == [0, 1, 4]
 
 
 def test_load_balancing_and_z_loss_match_numpy_counts():

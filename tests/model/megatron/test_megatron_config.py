@@ -20,7 +20,8 @@ def test_fields_follow_model_config():
         gated_linear_unit=True, add_bias_linear=False, num_moe_experts=mc.num_experts,
         moe_router_topk=mc.moe_top_k, moe_ffn_hidden_size=mc.moe_ffn_hidden_size,
         moe_shared_expert_intermediate_size=2 * mc.moe_ffn_hidden_size, moe_aux_loss_coeff=mc.moe_aux_loss_coeff,
-        moe_z_loss_coeff=mc.moe_z_loss_coeff, moe_expert_capacity_factor=1.5, moe_token_dispatcher_type="alltoall",
+        moe_z_loss_coeff=mc.moe_z_loss_coeff, moe_expert_capacity_factor=1.5, moe_token_drop_policy="probs",
+        moe_token_dispatcher_type="alltoall",
         moe_grouped_gemm=False, params_dtype=torch.float32, bf16=False, sequence_parallel=False,
         use_cpu_initialization=True, recompute_granularity=None,
     )
