@@ -47,10 +47,10 @@ class TrainConfig:
     distributed_optimizer: bool = True  # megatron optimizer only: shard its state over data-parallel ranks
     seed: int = 1234  # model init, data order
 
-    # --- parallelism (world size = tp * pp * sp * dp, with ep dividing dp * tp * sp as in megatron) ---
+    # --- parallelism (world size = tp * pp * sp * dp, with ep dividing dp * sp: megatron's expert grid) ---
     tensor_parallel: int = 1  # tensor-parallel size
     pipeline_parallel: int = 1  # pipeline-parallel size
-    expert_parallel: int = 1  # expert-parallel size (MoE experts sharded over dp x tp x sp ranks)
+    expert_parallel: int = 1  # expert-parallel size (experts sharded over dp x sp ranks, each split over tp)
     sequence_parallel: int = 1  # LASP-2 sequence parallelism (megatron's context-parallel group) size
     recompute: str = "none"  # activation recomputation: none | full | selective (megatron's granularities)
     moe_grouped_gemm: bool = False  # megatron's grouped-GEMM experts (bf16 only, so GPU) instead of one MLP per expert
@@ -150,8 +150,9 @@ def data_parallel_size(world_size: int, *, tensor_parallel: int, pipeline_parall
                        sequence_parallel: int) -> int:
     """The one rule for how parallel sizes tile ``world_size`` processes; returns data parallel.
 
-    ``tp * pp * sp`` must divide the world (the rest is dp); experts shard over the dp x tp x sp
-    ranks of a pipeline stage, so ``ep`` must divide ``dp * tp * sp``.
+    ``tp * pp * sp`` must divide the world (the rest is dp). Megatron lays experts out on their own
+    grid, ``ep x expert_tp x pp`` with expert_tp = tp here, which must divide the world too: ``ep``
+    must divide ``dp * sp``.
     """
     model_parallel = tensor_parallel * pipeline_parallel * sequence_parallel
     if world_size % model_parallel:
@@ -161,10 +162,12 @@ def data_parallel_size(world_size: int, *, tensor_parallel: int, pipeline_parall
             f"launch a multiple of {model_parallel} processes or change the sizes"
         )
     dp = world_size // model_parallel
-    if (dp * tensor_parallel * sequence_parallel) % expert_parallel:
+    if (dp * sequence_parallel) % expert_parallel:
         raise ValueError(
-            f"expert_parallel={expert_parallel} must divide data_parallel x tensor_parallel x sequence_parallel = "
-            f"{dp * tensor_parallel * sequence_parallel} (world size {world_size})"
+            f"expert_parallel={expert_parallel} must divide data_parallel x sequence_parallel = "
+            f"{dp * sequence_parallel} (world size {world_size}): megatron splits each expert over the "
+            f"tensor_parallel={tensor_parallel} ranks as well, so expert_parallel x tensor_parallel x "
+            f"pipeline_parallel = {expert_parallel * tensor_parallel * pipeline_parallel} must divide the world size"
         )
     return dp
 

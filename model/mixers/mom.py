@@ -4,7 +4,7 @@
 Every memory is a recurrence over *all* tokens in which tokens not routed to it neither write nor
 decay (k = 0 and g = 0 for GLA; beta = 0 and g = 0 for the delta rule); that equals running each
 memory over its routed tokens only, but keeps one packed ``(B, T, (M+1) H, .)`` kernel call.
-The short convs act on the full token stream before masking.
+The short convs (one per memory for k and v) act on the full token stream before masking.
 
     w_t = renormalised top-k of softmax(W_r x_t)      (M,)
     o_t = sum_m w_t[m] q_t S^m_t + q_t S^shared_t     y_t = W_o (rmsnorm(o_t) * silu(W_g x_t))
@@ -38,6 +38,29 @@ class Stacked(nn.ModuleList):
         return torch.cat([p(x) for p in self], dim=-1)
 
 
+class PerMemoryConvProjections(nn.ModuleList):
+    """One :class:`ConvProjection` per memory, outputs concatenated memory-major ``(B, T, E*C)``.
+
+    Each memory has its own short conv, so tensor parallelism shards every conv by heads, as it shards
+    the projection before it (one conv over ``E*C`` channels would be split across memories instead).
+    The conv tails share one state entry, ``(N, E*C, W-1)`` in the same memory-major order.
+    """
+
+    def forward(self, x_BTD, key: str, state: dict | None, new_state: dict | None, cu_seqlens=None):
+        cache = None if state is None else state.get(key)
+        caches = [None] * len(self) if cache is None else cache.chunk(len(self), dim=1)
+        outputs, tails = [], []
+        for member, member_cache in zip(self, caches):
+            member_new = None if new_state is None else {}
+            outputs.append(member(x_BTD, key, None if member_cache is None else {key: member_cache}, member_new,
+                                  cu_seqlens))
+            if member_new:
+                tails.append(member_new[key])
+        if tails:
+            new_state[key] = torch.cat(tails, dim=1)
+        return torch.cat(outputs, dim=-1)
+
+
 def route(logits_BTM: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Renormalised top-k softmax routing: weights ``(B, T, M)`` (0 off the top k) and the 0/1 mask."""
     probs = logits_BTM.float().softmax(-1)
@@ -60,8 +83,8 @@ class MixtureOfMemories(Mixer):
         E, W = self.num_memories + 1, config.conv_size  # E: routed memories + the shared one
         self.router = linears.replicated(D, self.num_memories)
         self.q_proj = ConvProjection(linears.column(D, H * K), Hl * K, W)
-        self.k_proj = ConvProjection(Stacked(linears.column(D, H * K) for _ in range(E)), E * Hl * K, W)
-        self.v_proj = ConvProjection(Stacked(linears.column(D, H * V) for _ in range(E)), E * Hl * V, W)
+        self.k_proj = PerMemoryConvProjections(ConvProjection(linears.column(D, H * K), Hl * K, W) for _ in range(E))
+        self.v_proj = PerMemoryConvProjections(ConvProjection(linears.column(D, H * V), Hl * V, W) for _ in range(E))
         self.g_proj = linears.column(D, H * V)
         self.norm = GatedRMSNorm(V, config.norm_eps)
         self.o_proj = linears.row(H * V, D)

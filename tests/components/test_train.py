@@ -113,11 +113,37 @@ def test_tokenizer_larger_than_model_vocab_is_rejected(data_dir, tmp_path):
     (3, dict(tensor_parallel=2), "not divisible by tensor_parallel=2"),
     (4, dict(tensor_parallel=2, pipeline_parallel=4), "not divisible"),
     (2, dict(expert_parallel=4), "expert_parallel=4 must divide"),
+    (2, dict(tensor_parallel=2, expert_parallel=2), "expert_parallel=2 must divide"),  # megatron refuses it
     (2, dict(global_batch_size=6, micro_batch_size=2), "global_batch_size=6"),
 ])
 def test_world_size_that_parallel_sizes_do_not_divide(data_dir, tmp_path, world, sizes, match):
     with pytest.raises(ValueError, match=match):
         preflight(config(data_dir, tmp_path, **sizes), world)
+
+
+def test_parallel_size_rule_is_megatrons():
+    """Reference: ``ParallelSizes.data_parallel``, the checks of megatron's ``initialize_model_parallel``
+    (attention grid tp x pp x cp, expert grid ep x expert_tp x pp, expert_tp = tp), over a grid."""
+    import itertools
+
+    from linear_moe.components.train.config import data_parallel_size
+    from linear_moe.model.megatron.parallel import ParallelSizes
+
+    def accepts(check) -> bool:
+        try:
+            check()
+            return True
+        except ValueError:
+            return False
+
+    refused = 0
+    for world, tp, pp, ep, sp in itertools.product([1, 2, 3, 4, 6, 8, 16], [1, 2, 4], [1, 2], [1, 2, 4, 8], [1, 2, 4]):
+        ours = accepts(lambda: data_parallel_size(world, tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep,
+                                                  sequence_parallel=sp))
+        megatron = accepts(lambda: ParallelSizes(tensor=tp, pipeline=pp, expert=ep, context=sp).data_parallel(world))
+        assert ours == megatron, (world, tp, pp, ep, sp)
+        refused += not ours
+    assert refused > 0
 
 
 def test_checkpoint_of_another_model_is_rejected(data_dir, tmp_path):

@@ -23,6 +23,8 @@ GLA_MODEL = dict(layer_pattern="lL", num_layers=2, lsm_mixer="gla", moe_aux_loss
 DELTANET_MODEL = dict(layer_pattern="ll", num_layers=2, lsm_mixer="deltanet")
 HYBRID_MOE_MODEL = dict(layer_pattern="LA", num_layers=2, lsm_mixer="gla", moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3)
 RWKV7_MODEL = dict(layer_pattern="ll", num_layers=2, lsm_mixer="rwkv7")  # value residual: layer 1 reads layer 0's v
+# Mixture-of-Memories: per-memory projections and short convs, each sharded by heads
+MOM_MODELS = {mixer: dict(layer_pattern="ll", num_layers=2, lsm_mixer=mixer) for mixer in ("mom_gla", "mom_gated_deltanet")}
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +41,11 @@ def deltanet_runs():
 @pytest.fixture(scope="module")
 def rwkv7_runs():
     return run_layouts(RWKV7_MODEL, dict(tp2=dict(sizes=dict(tensor=2)), pp2=dict(sizes=dict(pipeline=2))))
+
+
+@pytest.fixture(scope="module", params=sorted(MOM_MODELS))
+def mom_runs(request):
+    return run_layouts(MOM_MODELS[request.param], dict(tp2=dict(sizes=dict(tensor=2))))
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +74,10 @@ def check_matches_reference(runs, layout_name):
 
 def test_tp2_matches_tp1_loss_and_grads_gla(gla_runs):
     check_matches_reference(gla_runs, "tp2")
+
+
+def test_tp2_matches_tp1_loss_and_grads_mixture_of_memories(mom_runs):
+    check_matches_reference(mom_runs, "tp2")
 
 
 def test_pp2_matches_pp1_loss_and_grads(gla_runs):
