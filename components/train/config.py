@@ -52,7 +52,7 @@ class TrainConfig:
     pipeline_parallel: int = 1  # pipeline-parallel size
     expert_parallel: int = 1  # expert-parallel size (experts sharded over dp x sp ranks, each split over tp)
     sequence_parallel: int = 1  # LASP-2 sequence parallelism (megatron's context-parallel group) size
-    recompute: str = "none"  # activation recomputation: none | full | selective (megatron's granularities)
+    recompute: str = "none"  # none | full (whole layers) | selective (each layer's sequence mixer, from its input)
     moe_grouped_gemm: bool = False  # megatron's grouped-GEMM experts (bf16 only, so GPU) instead of one MLP per expert
 
     # --- evaluation, checkpoints, logs ---

@@ -5,14 +5,24 @@ on. The adapter gathers the sequence once, runs the mixer on ``(B, T, D)`` with
 :class:`MegatronLinears` (heads split over TP ranks), and scatters the output back. Under context
 parallelism (our LASP-2 sequence parallelism) each CP rank holds one contiguous chunk of every
 sample and the mixer runs inside ``use_sequence_parallel`` over megatron's context-parallel group.
+
+Selective recompute (``recompute_granularity="selective"`` with megatron's default module
+``"core_attn"``) recomputes the whole sequence mixer, which is this layer's attention core: its
+projections, convs and recurrence (or softmax attention) keep no activations, only their input, and
+run again in the backward pass. The checkpoint is torch's non-reentrant one, so tensors a mixer
+reads from outside (RWKV7's ``v_first``) keep their gradient path.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.utils.checkpoint
 from megatron.core.transformer.module import MegatronModule
 
 from linear_moe.model.megatron.linears import MegatronLinears
 from linear_moe.model.mixers import MIXERS, SINGLE_DEVICE
+from linear_moe.model.mixers.value_residual import current_value_residual, value_residual_scope
 from linear_moe.model.parallel import SequenceParallelContext, use_sequence_parallel
 
 
@@ -45,6 +55,8 @@ class MixerAdapter(MegatronModule):
             from megatron.core import parallel_state
 
             self.sequence_parallel = SequenceParallelContext(parallel_state.get_context_parallel_group())
+        self.recompute_mixer = (config.recompute_granularity == "selective"
+                                and "core_attn" in (config.recompute_modules or ()))
 
     def forward(self, hidden_states, attention_mask=None, inference_context=None, rotary_pos_emb=None,
                 packed_seq_params=None, **unused):
@@ -57,12 +69,22 @@ class MixerAdapter(MegatronModule):
         elif self.config.tensor_model_parallel_size > 1:
             x_TBD = tensor_parallel.copy_to_tensor_model_parallel_region(x_TBD)
         cu_seqlens = None if packed_seq_params is None else packed_seq_params.cu_seqlens_q
-        with use_sequence_parallel(self.sequence_parallel):
-            y_BTD, _ = self.mixer(x_TBD.transpose(0, 1), cu_seqlens=cu_seqlens)
+        if self.recompute_mixer and torch.is_grad_enabled():
+            y_BTD = torch.utils.checkpoint.checkpoint(self._run_mixer, x_TBD.transpose(0, 1), cu_seqlens,
+                                                      current_value_residual(), use_reentrant=False)
+        else:
+            y_BTD = self._run_mixer(x_TBD.transpose(0, 1), cu_seqlens, current_value_residual())
         y_TBD = y_BTD.transpose(0, 1).contiguous()
         if self.config.sequence_parallel:
             y_TBD = tensor_parallel.scatter_to_sequence_parallel_region(y_TBD)
         return y_TBD, None
+
+    def _run_mixer(self, x_BTD: torch.Tensor, cu_seqlens, value_residual) -> torch.Tensor:
+        """The mixer on ``(B, T, D)``, under this layer's sequence parallelism and the forward's
+        value-residual slot (the same ones again when selective recompute re-runs it)."""
+        slot = contextlib.nullcontext() if value_residual is None else value_residual_scope(value_residual)
+        with use_sequence_parallel(self.sequence_parallel), slot:
+            return self.mixer(x_BTD, cu_seqlens=cu_seqlens)[0]
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """Declare TP-split mixer parameters as sharded on their ``partition_dim``, so dist

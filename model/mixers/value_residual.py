@@ -6,8 +6,9 @@ The model opens a :func:`value_residual_scope` around its layers (the single-dev
 forward, the megatron model through a forward hook); the first LSM layer stores its value there and
 the later ones read it. It is a per-token quantity, so packed sequences, decoding one token at a time,
 tensor parallelism (the same heads on every layer of a rank) and LASP-2 sequence parallelism (the same
-chunk on every layer of a rank) need nothing more. Pipeline stages after the first never see it, and
-megatron's full activation recompute re-runs layers out of the scope, so those two layouts are refused
+chunk on every layer of a rank) need nothing more. Selective recompute re-enters the forward's slot
+when it re-runs a mixer. Pipeline stages after the first never see it, and megatron's full activation
+recompute re-runs whole layers out of the scope, so those two layouts are refused
 (:func:`check_value_residual_layout`).
 """
 from __future__ import annotations
@@ -30,9 +31,10 @@ _CURRENT: contextvars.ContextVar[ValueResidual | None] = contextvars.ContextVar(
 
 
 @contextlib.contextmanager
-def value_residual_scope() -> Iterator[ValueResidual]:
-    """A fresh slot for the layers called inside the block (one model forward)."""
-    token = _CURRENT.set(ValueResidual())
+def value_residual_scope(slot: ValueResidual | None = None) -> Iterator[ValueResidual | None]:
+    """A fresh slot for the layers called inside the block (one model forward); or ``slot`` itself, so
+    a layer recomputed in the backward pass (selective recompute) reads the slot of its forward."""
+    token = _CURRENT.set(ValueResidual() if slot is None else slot)
     try:
         yield _CURRENT.get()
     finally:

@@ -30,7 +30,9 @@ MOM_MODELS = {mixer: dict(layer_pattern="ll", num_layers=2, lsm_mixer=mixer) for
 @pytest.fixture(scope="module")
 def gla_runs():
     return run_layouts(GLA_MODEL, dict(tp2=dict(sizes=dict(tensor=2)), pp2=dict(sizes=dict(pipeline=2)), dp2=dict(sizes={}),
-                                       tp2_full_recompute=dict(sizes=dict(tensor=2), config=dict(recompute="full"))))
+                                       tp2_full_recompute=dict(sizes=dict(tensor=2), config=dict(recompute="full")),
+                                       tp2_selective_recompute=dict(sizes=dict(tensor=2),
+                                                                    config=dict(recompute="selective"))))
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,9 @@ def deltanet_runs():
 
 @pytest.fixture(scope="module")
 def rwkv7_runs():
-    return run_layouts(RWKV7_MODEL, dict(tp2=dict(sizes=dict(tensor=2)), pp2=dict(sizes=dict(pipeline=2))))
+    return run_layouts(RWKV7_MODEL, dict(tp2=dict(sizes=dict(tensor=2)), pp2=dict(sizes=dict(pipeline=2)),
+                                         tp2_selective_recompute=dict(sizes=dict(tensor=2),
+                                                                      config=dict(recompute="selective"))))
 
 
 @pytest.fixture(scope="module", params=sorted(MOM_MODELS))
@@ -92,6 +96,10 @@ def test_tp2_with_full_recompute_matches_tp1_loss_and_grads(gla_runs):
     check_matches_reference(gla_runs, "tp2_full_recompute")
 
 
+def test_tp2_with_selective_recompute_matches_tp1_loss_and_grads(gla_runs):
+    check_matches_reference(gla_runs, "tp2_selective_recompute")
+
+
 def test_tp2_matches_tp1_loss_and_grads_deltanet(deltanet_runs):
     check_matches_reference(deltanet_runs, "tp2")
 
@@ -116,6 +124,11 @@ def test_tp2_matches_tp1_loss_and_grads_rwkv7_value_residual(rwkv7_runs):
     check_matches_reference(rwkv7_runs, "tp2")
     v_lora = {name: grad for name, grad in rwkv7_runs["reference"]["grads"].items() if "v_lora" in name}
     assert v_lora and all(grad.abs().sum() > 0 for grad in v_lora.values()), sorted(v_lora)
+
+
+def test_selective_recompute_keeps_the_value_residual_gradient(rwkv7_runs):
+    """Recomputed mixers re-enter the forward's v_first slot: layer 0's value still gets its gradient."""
+    check_matches_reference(rwkv7_runs, "tp2_selective_recompute")
 
 
 def test_rwkv7_value_residual_is_refused_with_pipeline_parallel(rwkv7_runs):
