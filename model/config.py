@@ -17,6 +17,13 @@ from linear_moe.model.layer_pattern import parse_layer_pattern
 LSM_BACKENDS = ("auto", "chunk", "naive", "fla")
 
 
+#: fields that must be > 0, and >= 0 (0 means "off" or "derive it", as their comments say)
+_POSITIVE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "norm_eps", "max_position_embeddings",
+             "chunk_size", "num_memories", "num_slots", "state_size", "rope_theta", "moe_ffn_hidden_size")
+_NON_NEGATIVE = ("conv_size", "num_kv_heads", "ffn_hidden_size", "num_shared_experts", "initializer_range",
+                 "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_bias_update_rate")
+
+
 @dataclass
 class ModelConfig:
     # --- trunk ---
@@ -56,7 +63,7 @@ class ModelConfig:
     num_shared_experts: int = 0  # always-on experts (DeepSeek style), width moe_ffn_hidden_size each
     shared_expert_gate: bool = False  # scale the shared-expert output by a learned sigmoid gate
     moe_router: str = "softmax_topk"  # softmax_topk | mixtral (renormalised top-k) | sigmoid_bias
-    moe_aux_loss_coeff: float = 1e-2  # load-balancing loss weight (0 for sigmoid_bias)
+    moe_aux_loss_coeff: float = 1e-2  # load-balancing loss weight (sigmoid_bias balances by its bias: 0 is usual)
     moe_z_loss_coeff: float = 1e-3  # router z-loss weight
     moe_capacity_factor: float | None = None  # None = dropless; else each expert keeps its ceil(T*K/E*c) heaviest
     moe_bias_update_rate: float = 1e-3  # sigmoid_bias: step of the balancing-bias update
@@ -68,10 +75,11 @@ class ModelConfig:
         check_dataclass_types(self)  # "4" for an int, "no" for a bool: an error naming the field
         if not self.layer_pattern:
             self.layer_pattern = "L" * self.num_layers
-        _check(self.vocab_size > 0, "vocab_size", f"must be positive, got {self.vocab_size}")
-        _check(self.num_layers > 0, "num_layers", f"must be positive, got {self.num_layers}")
+        for name in _POSITIVE:
+            _check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        for name in _NON_NEGATIVE:
+            _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         self.layer_kinds  # parses and checks the pattern against num_layers
-        _check(self.num_heads > 0, "num_heads", f"must be positive, got {self.num_heads}")
         _check(
             self.hidden_size % self.num_heads == 0,
             "num_heads",
@@ -92,8 +100,6 @@ class ModelConfig:
             _check(value > 0 and float(value * self.head_dim).is_integer(), name,
                    f"{name}={value} times head_dim={self.head_dim} must be a positive integer")
         _check(self.lsm_backend in LSM_BACKENDS, "lsm_backend", f"{self.lsm_backend!r} not in {LSM_BACKENDS}")
-        _check(self.chunk_size > 0, "chunk_size", f"must be positive, got {self.chunk_size}")
-        _check(self.conv_size >= 0, "conv_size", f"must be >= 0, got {self.conv_size}")
         from linear_moe.model.mixers import MIXERS  # local import: mixers import this module
 
         _check(self.lsm_mixer in MIXERS, "lsm_mixer", f"unknown mixer {self.lsm_mixer!r}; known: {sorted(MIXERS)}")
@@ -108,7 +114,6 @@ class ModelConfig:
         from linear_moe.model.moe.router import ROUTERS  # local import, like MIXERS above
 
         _check(self.moe_router in ROUTERS, "moe_router", f"unknown router {self.moe_router!r}; known: {sorted(ROUTERS)}")
-        _check(self.num_shared_experts >= 0, "num_shared_experts", "must be >= 0")
         _check(
             self.moe_capacity_factor is None or self.moe_capacity_factor > 0,
             "moe_capacity_factor",

@@ -72,5 +72,20 @@ def test_dvc_repro_runs_the_whole_pipeline_offline_then_an_experiment(tmp_path):
     run(str(bin_dir / "dvc"), "exp", "run", "-S", "train.steps=8")
     train_records = [json.loads(line) for line in (repo / "runs/train/metrics.jsonl").read_text().splitlines()]
     assert train_records[-1]["step"] == 8
-    shown = run(str(bin_dir / "dvc"), "exp", "show", "--json")
-    assert '"train.steps": 8' in shown.replace("\n", "").replace("  ", "") or "8" in shown
+    shown = json.loads(run(str(bin_dir / "dvc"), "exp", "show", "--json"))
+    assert 8 in _train_steps_shown(shown), "dvc exp show lists no experiment with train.steps=8"
+
+
+def _train_steps_shown(node) -> list:
+    """Every ``train.steps`` value of params.yaml anywhere in ``dvc exp show --json`` output."""
+    found = []
+    if isinstance(node, dict):
+        params = node.get("params.yaml")
+        if isinstance(params, dict):
+            found.append(params.get("data", {}).get("train", {}).get("steps"))
+        for value in node.values():
+            found += _train_steps_shown(value)
+    elif isinstance(node, list):
+        for value in node:
+            found += _train_steps_shown(value)
+    return found

@@ -79,7 +79,7 @@ def test_naive_gmm_matches_per_row_matmuls_forward_and_backward(sizes, K, N, tra
     for batch_sizes in (torch.tensor(sizes), sizes):  # megatron passes a tensor; lists work too
         actual = _forward_backward(naive_gmm, a_TK, b_EKN, grad_TN, batch_sizes, trans_b)
         for name, ref, act in zip(("out", "grad a", "grad b"), reference, actual):
-            assert_rel_close(name, ref, act, GMM_RATIO)
+            assert_rel_close(name, ref, act, GMM_RATIO, allow_empty=sum(sizes) == 0)  # no rows: only grad b has any
 
 
 def _torch_grouped_mm_runs_on_cpu() -> bool:
