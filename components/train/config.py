@@ -33,6 +33,7 @@ class TrainConfig:
     seq_length: int = 128  # tokens per sample
     micro_batch_size: int = 4  # samples per micro-batch per data-parallel rank
     global_batch_size: int = 8  # samples per optimizer step across data-parallel ranks
+    reset_at_eod: bool = False  # documents packed into a sample don't see each other: states restart after EOD
 
     # --- optimisation ---
     steps: int = 100  # optimizer steps

@@ -99,13 +99,22 @@ def random_batches(count: int, *, batch_size: int, seq_length: int, vocab_size: 
 
 
 def microbatches(dataset, *, step: int, global_batch_size: int, micro_batch_size: int, dp_rank: int,
-                 dp_size: int) -> list[dict[str, torch.Tensor]]:
-    """The micro-batches of optimizer step ``step`` that data-parallel rank ``dp_rank`` processes."""
+                 dp_size: int, eod: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """The micro-batches of optimizer step ``step`` that data-parallel rank ``dp_rank`` processes.
+
+    With ``eod`` (``TrainConfig.reset_at_eod``) each also carries ``cu_seqlens``, the offsets of its
+    documents (``model.megatron.step.document_offsets``), so the model runs them as separate sequences.
+    """
+    from linear_moe.model.megatron.step import document_offsets
+
     per_rank = global_batch_size // dp_size
     start = step * global_batch_size + dp_rank * per_rank
     batches = []
     for offset in range(0, per_rank, micro_batch_size):
         samples = [dataset[(start + offset + i) % len(dataset)] for i in range(micro_batch_size)]
-        batches.append({key: torch.stack([torch.as_tensor(s[key]) for s in samples])
-                        for key in ("tokens", "labels", "loss_mask", "position_ids")})
+        batch = {key: torch.stack([torch.as_tensor(s[key]) for s in samples])
+                 for key in ("tokens", "labels", "loss_mask", "position_ids")}
+        if eod is not None:
+            batch["cu_seqlens"] = document_offsets(batch["tokens"], eod)
+        batches.append(batch)
     return batches

@@ -61,6 +61,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             atomic_write_json(output_dir / "model_config.json", model_config.to_dict())
             atomic_write_json(output_dir / "train_config.json", config.to_dict())
         record: dict[str, Any] = {}
+        eod = tokenizer.eod if config.reset_at_eod else None
         progress = _progress(rank, start_step, config.steps)
         for step in range(start_step, config.steps):
             started = time.perf_counter()
@@ -68,7 +69,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                        total_steps=config.steps)
             optimizer.set_lr(lr)
             batches = microbatches(train_ds, step=step, global_batch_size=config.global_batch_size,
-                                   micro_batch_size=config.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
+                                   micro_batch_size=config.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                                   eod=eod)
             loss, moe = model.train_step(batches, optimizer)
             elapsed = time.perf_counter() - started
             record = {
@@ -80,7 +82,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             if config.eval_interval and valid_ds is not None and (done % config.eval_interval == 0 or done == config.steps):
                 record["eval_loss"] = model.eval_loss(
                     microbatches(valid_ds, step=0, global_batch_size=config.eval_iters * config.micro_batch_size * dp_size,
-                                 micro_batch_size=config.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size))
+                                 micro_batch_size=config.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size, eod=eod))
             if logger is not None and (done % config.log_interval == 0 or done == config.steps):
                 logger.log(done, record)
             if progress is not None:

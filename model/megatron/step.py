@@ -59,23 +59,47 @@ def context_parallel_chunk(x_BT: torch.Tensor) -> torch.Tensor:
     return x_BT[:, start:start + t_local]
 
 
-def lm_forward_step(data_iterator, model):
-    """Megatron ``forward_step_func``; a batch is a dict of ``(B, T)`` ``tokens``, ``labels`` (, ``loss_mask``).
+def document_offsets(tokens_BT: torch.Tensor, eod: int) -> torch.Tensor:
+    """Start offsets of the documents in the ``(1, B*T)`` concatenation of a batch, plus its end:
+    ``cu_seqlens (N + 1,)`` int64, as the mixers take them. A document starts at every sample start and after every ``eod``
+    token (the EOD ends the document before it)."""
+    B, T = tokens_BT.shape
+    after_eod = (tokens_BT[:, :-1] == eod).nonzero()  # (n, 2): sample b, position p -> next starts at p + 1
+    starts = torch.cat([torch.arange(0, B * T, T, device=tokens_BT.device),
+                        after_eod[:, 0] * T + after_eod[:, 1] + 1,
+                        torch.tensor([B * T], device=tokens_BT.device)])
+    return torch.unique(starts).long()
 
-    Under context (LASP-2 sequence) parallelism every tensor is cut to this rank's contiguous chunk.
+
+def lm_forward_step(data_iterator, model):
+    """Megatron ``forward_step_func``; a batch is a dict of ``(B, T)`` ``tokens``, ``labels`` (, ``loss_mask``),
+    and optionally ``cu_seqlens`` (:func:`document_offsets`).
+
+    With ``cu_seqlens`` the batch runs as one packed ``(1, B*T)`` sequence whose documents do not see
+    each other: every mixer restarts its state (and attention its causal window and RoPE positions)
+    at each document start. Under context (LASP-2 sequence) parallelism every tensor is cut to this
+    rank's contiguous chunk; the offsets stay global and documents may cross rank boundaries.
     """
     from megatron.core import parallel_state
+    from megatron.core.packed_seq_params import PackedSeqParams
 
     batch = next(data_iterator)
     tokens_BT, labels_BT = batch["tokens"], batch["labels"]
     loss_mask_BT = batch.get("loss_mask")
     if loss_mask_BT is None:
         loss_mask_BT = torch.ones_like(labels_BT, dtype=torch.float32)
+    cu_seqlens = batch.get("cu_seqlens")
+    packed_seq_params = None
+    if cu_seqlens is not None:
+        tokens_BT, labels_BT, loss_mask_BT = (x.reshape(1, -1) for x in (tokens_BT, labels_BT, loss_mask_BT))
+        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        packed_seq_params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                                            max_seqlen_q=max_len, max_seqlen_kv=max_len)
     B, T = tokens_BT.shape
     position_ids_BT = torch.arange(T, device=tokens_BT.device).expand(B, T)
     tokens_BT, labels_BT, loss_mask_BT, position_ids_BT = (
         context_parallel_chunk(x) for x in (tokens_BT, labels_BT, loss_mask_BT, position_ids_BT))
-    output = model(tokens_BT, position_ids_BT, None, labels=labels_BT)
+    output = model(tokens_BT, position_ids_BT, None, labels=labels_BT, packed_seq_params=packed_seq_params)
     cp_size = parallel_state.get_context_parallel_world_size()
     cp_group = parallel_state.get_context_parallel_group() if cp_size > 1 else None
     return output, functools.partial(masked_mean_loss, loss_mask_BT, cp_group=cp_group)

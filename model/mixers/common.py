@@ -150,7 +150,7 @@ def token_shift(
         x_prev = torch.cat([last_ND.unsqueeze(1).to(x_BTD.dtype), x_BTD[:, :-1]], dim=1)
         return x_prev, x_BTD[:, -1]
     x_TD = x_BTD[0]
-    starts = cu_seqlens[:-1]
+    starts = cu_seqlens[:-1].long()  # index_copy takes int64 offsets only
     x_prev = torch.cat([x_TD.new_zeros(1, x_TD.shape[-1]), x_TD[:-1]], dim=0)
     x_prev = x_prev.index_copy(0, starts, last_ND.to(x_TD.dtype))
     return x_prev.unsqueeze(0), x_TD[cu_seqlens[1:] - 1]

@@ -25,7 +25,7 @@ def data_dir(tmp_path_factory) -> Path:
     from linear_moe.components.tokenize import tokenize
 
     out = tmp_path_factory.mktemp("tokenized") / "data"
-    tokenize(out, vocab_size=300, max_bytes=300_000, progress=False)
+    tokenize(out, vocab_size=300, max_bytes=300_000, doc_chars=400, progress=False)  # documents of ~150 tokens
     return out
 
 
@@ -171,24 +171,34 @@ def test_lr_schedule_warms_up_then_decays_to_min():
 
 
 def test_cli_help_explains_every_option():
-    out = subprocess.run(TRAIN + ["--help"], check=True, capture_output=True, text=True).stdout
-    for field in ("--tensor-parallel", "--expert-parallel", "--resume", "--save-interval", "--model"):
-        assert field in out
-    assert "global-norm clip" in out.replace("\n", " ").replace("  ", " ") or "clip" in out
+    """Every TrainConfig field is a flag, shown with the comment that documents it in config.py."""
+    import dataclasses
+
+    from linear_moe.components.train.config import TrainConfig
+
+    out = " ".join(subprocess.run(TRAIN + ["--help"], check=True, capture_output=True, text=True).stdout.split())
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--model" if field.name == "model_overrides" else "--" + field.name.replace("_", "-")
+        assert flag + " " in out or flag + "," in out, flag
+    assert "global gradient-norm clip (0 disables)" in out
+    assert "each layer's sequence mixer, from its input" in out
 
 
 @pytest.mark.e2e
 @pytest.mark.distributed
 @pytest.mark.xdist_group("dist")
-@pytest.mark.parametrize("extra", [[], ["--tensor-parallel", "2"], ["--sequence-parallel", "2"]], ids=["dp2", "tp2", "sp2"])
-def test_torchrun_two_processes_match_single_process_losses(data_dir, tmp_path, extra):
-    """The whole CLI under torchrun (data sharding, loss reduction, multi-rank checkpoints) equals one process."""
+@pytest.mark.parametrize("extra, both", [([], []), (["--tensor-parallel", "2"], []), (["--sequence-parallel", "2"], []),
+                                         (["--sequence-parallel", "2"], ["--reset-at-eod"])],
+                         ids=["dp2", "tp2", "sp2", "sp2-reset-at-eod"])
+def test_torchrun_two_processes_match_single_process_losses(data_dir, tmp_path, extra, both):
+    """The whole CLI under torchrun (data sharding, loss reduction, multi-rank checkpoints) equals one process;
+    with --reset-at-eod documents cross the two SP ranks' boundary."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    args = run_args(data_dir, tmp_path / "single", 3) + ["--global-batch-size", "8"]
+    args = run_args(data_dir, tmp_path / "single", 3) + ["--global-batch-size", "8"] + both
     subprocess.run(TRAIN + args, check=True, env=env, capture_output=True)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 "-m", "linear_moe.components.train"]
-    args = run_args(data_dir, tmp_path / "double", 3) + ["--global-batch-size", "8"] + extra
+    args = run_args(data_dir, tmp_path / "double", 3) + ["--global-batch-size", "8"] + extra + both
     proc = subprocess.run(torchrun + args, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     single, double = losses(tmp_path / "single"), losses(tmp_path / "double")
@@ -196,6 +206,30 @@ def test_torchrun_two_processes_match_single_process_losses(data_dir, tmp_path, 
     for step in single:
         assert math.isclose(double[step], single[step], rel_tol=1e-5), (step, double[step], single[step])
     assert latest_complete(tmp_path / "double" / "checkpoints").name == "step_0000003"
+
+
+def test_reset_at_eod_gives_each_batch_its_document_offsets_and_changes_the_losses(data_dir, tmp_path):
+    """The flag reaches the model: the batches carry the offsets of their EOD tokens (counted here
+    directly), and the same run without them trains on other losses. (That the offsets make packed
+    documents equal separate runs is tests/model/megatron/test_packed_documents.py.)"""
+    from linear_moe.components.train.data import build_datasets, microbatches, read_tokenizer_info
+
+    tokenizer = read_tokenizer_info(data_dir)
+    train_ds, _ = build_datasets(data_dir, seq_length=32, seed=1234, train_samples=8, valid_samples=0,
+                                 cache_dir=tmp_path / "cache", tokenizer=tokenizer)
+    batches = microbatches(train_ds, step=0, global_batch_size=4, micro_batch_size=2, dp_rank=0, dp_size=1,
+                           eod=tokenizer.eod)
+    inner_starts = 0
+    for batch in batches:
+        tokens = batch["tokens"]
+        expected = sorted({0, 32, 64} | {b * 32 + p + 1 for b, p in (tokens[:, :-1] == tokenizer.eod).nonzero().tolist()})
+        assert batch["cu_seqlens"].tolist() == expected
+        inner_starts += len(expected) - 3
+    assert inner_starts > 0, "step 0 holds no document boundary inside a sample: the comparison below means nothing"
+    for name, extra in (("reset", ["--reset-at-eod"]), ("plain", [])):
+        subprocess.run(TRAIN + run_args(data_dir, tmp_path / name, 1) + extra, check=True, capture_output=True)
+    reset, plain = losses(tmp_path / "reset"), losses(tmp_path / "plain")
+    assert abs(reset[1] - plain[1]) > 1e-4 * abs(plain[1]), (reset, plain)
 
 
 def test_fresh_run_into_a_directory_with_checkpoints_is_refused(data_dir, tmp_path):
