@@ -50,7 +50,7 @@ def _recurrence(q, k, v, g, u, scale, initial_state):
         state_BHKV = state_BHKV + initial_state.float()
     if g is not None:
         # scalar decay broadcasts over both K and V; diagonal decay over V only
-        decay_BTHK1 = g.float().exp().reshape(B, T, H, -1, 1)
+        decay_BTHK1 = g.float().exp().reshape(B, T, H, g.shape[3] if g.dim() == 4 else 1, 1)
     outs = []
     for t in range(T):
         kv_BHKV = k[:, t, :, :, None] * v[:, t, :, None, :]

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from linear_moe.kernels.dplr import chunk_dplr, dplr, naive_dplr
-from linear_moe.kernels.testing import assert_rel_close
+from linear_moe.kernels.testing import assert_packed_grads_match_separate_runs, assert_rel_close
 
 SHAPES = [  # B, T, H, K, V, chunk_size
     pytest.param(2, 37, 2, 8, 6, 16, id="B2-T37-H2-K8-V6-C16"),
@@ -57,6 +57,15 @@ def test_varlen_matches_separate_runs(backend):
         o_n, final_n = dplr(**part, initial_state=h0[n : n + 1], output_final_state=True, backend="naive")
         assert_rel_close(f"o[{n}]", o_n, o[:, start:end], 1e-5)
         assert_rel_close(f"final[{n}]", final_n, final[n : n + 1], 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["naive", "chunk"])
+def test_varlen_gradients_match_separate_naive_runs(backend):
+    lengths, H, K, V = [7, 21, 4], 2, 8, 4
+    inputs = make_inputs(1, sum(lengths), H, K, V, requires_grad=True)
+    h0 = torch.randn(len(lengths), H, K, V, requires_grad=True)
+    assert_packed_grads_match_separate_runs(dplr, inputs, h0, torch.tensor([0, 7, 28, 32]), 1e-4,
+                                            backend=backend, chunk_size=16)
 
 
 def test_initial_state_continues_the_sequence():

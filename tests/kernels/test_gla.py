@@ -104,14 +104,13 @@ def test_chunk_varlen_matches_separate_runs(decay, bonus):
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.long)
     o, state, grads = run_with_grads(chunk_gla, packed, cu_seqlens=cu_seqlens, chunk_size=16)
 
-    # reference: each sequence on its own (B = 1, no cu_seqlens), same loss projection
+    # reference: the naive recurrence on each sequence on its own (B = 1, no cu_seqlens), same loss projection
     leaves = {n: t for n, t in packed.items() if t is not None}
     o_parts, state_parts = [], []
     for n, (start, end) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
-        o_n, s_n = chunk_gla(packed["q"][:, start:end], packed["k"][:, start:end], packed["v"][:, start:end],
+        o_n, s_n = naive_gla(packed["q"][:, start:end], packed["k"][:, start:end], packed["v"][:, start:end],
                              None if packed["g"] is None else packed["g"][:, start:end], u=packed["u"],
-                             initial_state=packed["initial_state"][n : n + 1], output_final_state=True,
-                             chunk_size=16)
+                             initial_state=packed["initial_state"][n : n + 1], output_final_state=True)
         o_parts.append(o_n)
         state_parts.append(s_n)
     o_ref, state_ref = torch.cat(o_parts, dim=1), torch.cat(state_parts, dim=0)
