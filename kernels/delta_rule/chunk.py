@@ -54,40 +54,52 @@ def _to_chunks(x: torch.Tensor, C: int) -> torch.Tensor:
     return x.reshape(B, H, (T + pad) // C, C, *x.shape[3:])
 
 
+#: chunks whose intra-chunk terms are formed at once: their (C, C) matrices stay cache-sized, so
+#: time grows linearly in T (forming all chunks' at once went 2.9x from T=4096 to 8192 on CPU)
+CHUNKS_PER_BLOCK = 16
+
+
 def _chunk_forward(q, k, v, beta, g, scale, initial_state, C):
     B, T, H, K = q.shape
     V = v.shape[-1]
     q_BHNCK, k_BHNCK, v_BHNCV = (_to_chunks(x, C) for x in (q, k, v))
     beta_BHNC, g_BHNC = _to_chunks(beta, C), _to_chunks(g, C)
     num_chunks = q_BHNCK.shape[2]
-
-    gamma_BHNC = g_BHNC.cumsum(-1)
     causal_CC = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    # decay_tj = exp(gamma_t - gamma_j) for j <= t, 0 above the diagonal (masked before exp)
-    diff = gamma_BHNC[..., :, None] - gamma_BHNC[..., None, :]
-    decay_BHNCC = torch.where(causal_CC, diff, float("-inf")).exp()
-
-    kk_BHNCC = k_BHNCK @ k_BHNCK.transpose(-1, -2)
-    A_BHNCC = (beta_BHNC[..., None] * kk_BHNCC * decay_BHNCC).tril(-1)
-    eye = torch.eye(C, device=q.device)
-    rhs = torch.cat([beta_BHNC[..., None] * v_BHNCV,
-                     (beta_BHNC * gamma_BHNC.exp())[..., None] * k_BHNCK], dim=-1)
-    sol = torch.linalg.solve_triangular(eye + A_BHNCC, rhs, upper=False, unitriangular=True)
-    u_BHNCV, w_BHNCK = sol[..., :V], sol[..., V:]
-
-    qk_BHNCC = (q_BHNCK @ k_BHNCK.transpose(-1, -2)) * decay_BHNCC
-    q_decay_BHNCK = q_BHNCK * gamma_BHNC.exp()[..., None]
-    # k_j scaled by its decay to the chunk end: exp(gamma_C - gamma_j)
-    k_end_BHNCK = k_BHNCK * (gamma_BHNC[..., -1:] - gamma_BHNC).exp()[..., None]
-    chunk_decay_BHN = gamma_BHNC[..., -1].exp()
+    eye_CC = torch.eye(C, device=q.device)
 
     S_BHKV = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
     outputs = []
-    for n in range(num_chunks):
-        u = u_BHNCV[:, :, n] - w_BHNCK[:, :, n] @ S_BHKV
-        outputs.append(q_decay_BHNCK[:, :, n] @ S_BHKV + qk_BHNCC[:, :, n] @ u)
-        S_BHKV = chunk_decay_BHN[:, :, n, None, None] * S_BHKV + k_end_BHNCK[:, :, n].transpose(-1, -2) @ u
+    for first in range(0, num_chunks, CHUNKS_PER_BLOCK):
+        block = slice(first, first + CHUNKS_PER_BLOCK)
+        terms = _intra_chunk_terms(q_BHNCK[:, :, block], k_BHNCK[:, :, block], v_BHNCV[:, :, block],
+                                   beta_BHNC[:, :, block], g_BHNC[:, :, block], causal_CC, eye_CC)
+        u_BHNCV, w_BHNCK, qk_BHNCC, q_decay_BHNCK, k_end_BHNCK, chunk_decay_BHN = terms
+        for n in range(u_BHNCV.shape[2]):
+            u = u_BHNCV[:, :, n] - w_BHNCK[:, :, n] @ S_BHKV
+            outputs.append(q_decay_BHNCK[:, :, n] @ S_BHKV + qk_BHNCC[:, :, n] @ u)
+            S_BHKV = chunk_decay_BHN[:, :, n, None, None] * S_BHKV + k_end_BHNCK[:, :, n].transpose(-1, -2) @ u
     if not outputs:  # T == 0 (e.g. a packed batch of empty sequences)
         return v.new_zeros(B, 0, H, V), S_BHKV
     o_BHTV = torch.stack(outputs, dim=2).reshape(B, H, num_chunks * C, V)[:, :, :T]
     return (scale * o_BHTV).movedim(1, 2).to(v.dtype), S_BHKV
+
+
+def _intra_chunk_terms(q_BHNCK, k_BHNCK, v_BHNCV, beta_BHNC, g_BHNC, causal_CC, eye_CC):
+    """Everything that needs no state, for a block of N chunks: ``u~`` (B, H, N, C, V) and ``W``
+    (B, H, N, C, K) of the UT transform, the decayed in-chunk scores ``q k^T`` (B, H, N, C, C), ``q``
+    decayed from the chunk start, ``k`` decayed to the chunk end, and the whole-chunk decay (B, H, N)."""
+    V = v_BHNCV.shape[-1]
+    gamma_BHNC = g_BHNC.cumsum(-1)
+    # decay_tj = exp(gamma_t - gamma_j) for j <= t, 0 above the diagonal (masked before exp)
+    diff = gamma_BHNC[..., :, None] - gamma_BHNC[..., None, :]
+    decay_BHNCC = torch.where(causal_CC, diff, float("-inf")).exp()
+    kk_BHNCC = k_BHNCK @ k_BHNCK.transpose(-1, -2)
+    A_BHNCC = (beta_BHNC[..., None] * kk_BHNCC * decay_BHNCC).tril(-1)
+    rhs = torch.cat([beta_BHNC[..., None] * v_BHNCV,
+                     (beta_BHNC * gamma_BHNC.exp())[..., None] * k_BHNCK], dim=-1)
+    sol = torch.linalg.solve_triangular(eye_CC + A_BHNCC, rhs, upper=False, unitriangular=True)
+    qk_BHNCC = (q_BHNCK @ k_BHNCK.transpose(-1, -2)) * decay_BHNCC
+    q_decay_BHNCK = q_BHNCK * gamma_BHNC.exp()[..., None]
+    k_end_BHNCK = k_BHNCK * (gamma_BHNC[..., -1:] - gamma_BHNC).exp()[..., None]
+    return sol[..., :V], sol[..., V:], qk_BHNCC, q_decay_BHNCK, k_end_BHNCK, gamma_BHNC[..., -1].exp()
