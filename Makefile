@@ -37,7 +37,7 @@ test-fast: env
 
 # Benchmarks write JSON under benchmarks/results/ (CPU); on a GPU machine run benchmarks/gpu_suite.sh.
 bench: env
-	$(PY) -m benchmarks.bench_kernels --ops gla,delta_rule --out benchmarks/results/kernels_cpu.json
+	$(PY) -m benchmarks.bench_kernels --ops gla,delta_rule --repeats 7 --out benchmarks/results/kernels_cpu.json
 	$(PY) -m benchmarks.bench_tokenize --out benchmarks/results/tokenize_cpu.json
 	$(PY) -m benchmarks.bench_train --suite cpu-tiny --out benchmarks/results/train_cpu.json
 	$(PY) -m benchmarks.bench_sp --out benchmarks/results/sp_cpu.json

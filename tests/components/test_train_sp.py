@@ -112,11 +112,12 @@ def test_seq_length_not_divisible_by_sp_is_rejected():
 @pytest.mark.xdist_group("dist")
 @pytest.mark.parametrize("world, model, sizes", [
     (2, HYBRID_MOE, dict(context=2)),
+    (4, HYBRID_MOE, dict(context=4)),
     (4, HYBRID_MOE, dict(context=2, tensor=2)),
     # SP=2 leaves DP=2; EP=2 splits the 4 experts, expert-DP=2
     (4, HYBRID_MOE, dict(context=2, expert=2)),
     # one layer per stage, each stage's sequence split over 2 SP ranks
     (4, GATED_DELTANET_MOE, dict(context=2, pipeline=2)),
-], ids=["sp2-hybrid_moe", "sp2_tp2-hybrid_moe", "sp2_ep2-hybrid_moe", "sp2_pp2-gated_deltanet_moe"])
+], ids=["sp2-hybrid_moe", "sp4-hybrid_moe", "sp2_tp2-hybrid_moe", "sp2_ep2-hybrid_moe", "sp2_pp2-gated_deltanet_moe"])
 def test_sequence_parallel_matches_single_process_losses_and_grads(world, model, sizes):
     _check_matches_reference(spawn_world(_worker, args=(model, sizes), nprocs=world), sizes)

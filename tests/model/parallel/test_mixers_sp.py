@@ -34,7 +34,8 @@ CASES = ("batch", "packed")
 #: its halo from two earlier ranks
 VARIANTS = {"gla_conv10": ("gla", {"conv_size": 10})}
 SP2_MIXERS = sorted(MIXERS)
-SP4_MIXERS = ["gla", "gated_deltanet", "rwkv6", "gla_conv10"]  # diagonal decay, delta rule, token shift
+# diagonal decay, delta rule, token shift, DPLR (matrix transition) with the value residual
+SP4_MIXERS = ["gla", "gated_deltanet", "rwkv6", "rwkv7", "gla_conv10"]
 
 
 def build_mixer(name: str):
