@@ -27,7 +27,9 @@ PARAM_HELP = {
     "model_overrides": 'JSON object of ModelConfig fields over the preset, e.g. \'{"hidden_size": 128}\'',
     "steps": "optimizer steps", "seq_length": "tokens per training sample",
     "micro_batch_size": "samples per micro-batch per data-parallel rank",
-    "global_batch_size": "samples per optimizer step", "lr": "peak learning rate (cosine decay to lr/10)",
+    "global_batch_size": "samples per optimizer step",
+    "reset_at_eod": "each document its own sequence: recurrent states restart after every EOD token",
+    "lr": "peak learning rate (cosine decay to lr/10)",
     "seed": "seed of the data split, model init, data order and evaluation",
     "save_interval": "steps between checkpoints (0: only the final one)",
     "eval_interval": "steps between validation losses (0: none)",
@@ -68,7 +70,8 @@ def _add_placement(p: argparse.ArgumentParser) -> None:
 
 
 class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: ...)" unless the help already states the default or there is none to show."""
+    """Appends "(default: ...)" unless the help already states the default or there is none to show;
+    a switch's default reads "on" or "off"."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -76,6 +79,8 @@ class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
             return text
         if action.default == "":
             return text + ' (default: "")'
+        if isinstance(action.default, bool):
+            return text + f" (default: {'on' if action.default else 'off'})"
         return super()._get_help_string(action)
 
 

@@ -57,8 +57,8 @@ def test_train_metrics_are_the_runs_final_record(run_dir):
     assert all(math.isfinite(v) for v in metrics.values())
     assert 0 < metrics["loss"] < 2 * math.log(300)  # about ln(vocab) for a barely trained model
     config = json.loads((task / "checkpoint" / "train_config.json").read_text())
-    assert {k: config[k] for k in ("steps", "seq_length", "micro_batch_size", "global_batch_size")} == \
-        {"steps": 4, "seq_length": 32, "micro_batch_size": 2, "global_batch_size": 4}
+    assert {k: config[k] for k in ("steps", "seq_length", "micro_batch_size", "global_batch_size", "reset_at_eod")} == \
+        {"steps": 4, "seq_length": 32, "micro_batch_size": 2, "global_batch_size": 4, "reset_at_eod": True}
     assert json.loads((task / "checkpoint" / "model_config.json").read_text())["vocab_size"] == 300
 
 
