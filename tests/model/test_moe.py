@@ -75,9 +75,9 @@ def reference_moe(layer: MoELayer, x_BTD: torch.Tensor, capacity: int | None = N
         routes.append(list(zip(idx, weights)))
         probs.append(probs_E)
         z_terms.append(torch.log(torch.exp(logits_E).sum()) ** 2)
-    by_expert = {e: sorted(((float(w), t, j) for t, route in enumerate(routes) for j, (e2, w) in enumerate(route)
-                            if e2 == e), key=lambda item: (-item[0], item[1], item[2])) for e in range(E)}
-    kept = {(t, j) for e in range(E) for _, t, j in by_expert[e][:capacity]}  # [:None] keeps all
+    assignments = [(float(w.detach()), t, j, e) for t, route in enumerate(routes) for j, (e, w) in enumerate(route)]
+    by_expert = {e: sorted((a for a in assignments if a[3] == e), key=lambda a: (-a[0], a[1], a[2])) for e in range(E)}
+    kept = {(t, j) for e in range(E) for _, t, j, _ in by_expert[e][:capacity]}  # [:None] keeps all
     counts = [len(by_expert[e]) for e in range(E)]
     rows = []
     for t, x_D in enumerate(x_TD):
