@@ -62,7 +62,7 @@ def test_in_process_matches_train_function(data_dir, in_process, tmp_path):
     reference = train(TrainConfig(preset="tiny", model_overrides={"vocab_size": 300, "lsm_mixer": "gla"},
                                   data_dir=str(data_dir), output_dir=str(tmp_path / "ref"), seq_length=32,
                                   micro_batch_size=2, global_batch_size=4, steps=3, lr=2e-3, min_lr=2e-4, seed=7,
-                                  save_interval=2, eval_interval=3, dvclive=False))
+                                  save_interval=2, eval_interval=3, dvclive=False, reset_at_eod=True))
     assert metrics["loss"] == pytest.approx(reference["loss"], rel=1e-5)
     assert metrics["eval_loss"] == pytest.approx(reference["eval_loss"], rel=1e-5)
     assert metrics["step"] == 3 and metrics["tokens_per_s"] > 0
