@@ -30,7 +30,7 @@ repro: env
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
 
 test: env
-	$(PY) -m pytest -n 2 --dist loadgroup -q
+	$(PY) -m pytest -n 2 --dist loadgroup -q --durations=15
 
 test-fast: env
 	$(PY) -m pytest -n 2 -q -m "not slow and not distributed and not e2e"
