@@ -2,8 +2,8 @@
 
 Gaps patched (each is a registry entry in :data:`PATCHES`, applied by :func:`enable_triton_interpreter`):
 
-* ``autotune``  - ``@triton.autotune`` benchmarks every config, which needs a GPU driver: keep the
-  first config that survives the kernel's own pruning.
+* ``autotune``  - ``@triton.autotune`` benchmarks every config, which needs a GPU driver: keep one
+  config of those that survive the kernel's own pruning (``kernels.autotune.limit_autotune(1)``).
 * ``bf16``      - bf16 tensors are stored as raw ``uint16`` bits and ``tl.dot`` / elementwise ops
   compute on those bits (garbage or NaN): upcast to fp32, compute, round back to bf16 (RNE).
 * ``libdevice`` - ``triton.language.extra.libdevice`` functions are stubs returning ``None``:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 TEST_TEXT_FILE = "test.jsonl"  # as written by the tokenize step (components/tokenize/core.py)
 TOKENIZER_DIR = "tokenizer"  # idem
@@ -100,28 +101,30 @@ def read_train_metrics(train_metrics: str | Path) -> list[dict]:
         raise ValueError(f"train_metrics {path}: no such file (pass the train step's {METRICS_FILE} "
                          "or its output directory)")
     records = []
-    for line_no, line in enumerate(read_text_lines(path, "train_metrics"), 1):
-        if line.strip():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"train_metrics {path}, line {line_no}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"train_metrics {path}, line {line_no}: expected a JSON object such as "
-                                 f'{{"step": 1, "loss": 2.5}}, got {type(record).__name__}; pass the train step\'s '
-                                 f"{METRICS_FILE}")
-            records.append(record)
+    for line_no, record in read_json_lines(path, "train_metrics"):
+        if not isinstance(record, dict):
+            raise ValueError(f"train_metrics {path}, line {line_no}: expected a JSON object such as "
+                             f'{{"step": 1, "loss": 2.5}}, got {type(record).__name__}; pass the train step\'s '
+                             f"{METRICS_FILE}")
+        records.append(record)
     return records
 
 
-def read_text_lines(path: Path, what: str) -> list[str]:
-    """The lines of a UTF-8 text file; invalid UTF-8 is an error naming ``what``, the file and the line."""
-    lines = []
+def read_json_lines(path: Path, what: str) -> list[tuple[int, Any]]:
+    """``(line number, value)`` of every non-blank line of a UTF-8 JSON-lines file; invalid UTF-8 or
+    JSON is an error naming ``what``, the file and the line."""
+    values = []
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
             try:
-                lines.append(raw.decode("utf-8"))
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
                 raise ValueError(f"{what} {path}, line {line_no}: not UTF-8 (invalid byte 0x{raw[err.start]:02x} at "
                                  f"column {err.start + 1}); re-encode the file as UTF-8") from None
-    return lines
+            if not line.strip():
+                continue
+            try:
+                values.append((line_no, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{what} {path}, line {line_no}: not valid JSON ({err.msg})") from None
+    return values

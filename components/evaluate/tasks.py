@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from linear_moe.components.evaluate.inputs import read_json_lines
 from linear_moe.components.files import atomic_write_text
 
 PERPLEXITY_TASK = "heldout_perplexity"
@@ -170,17 +171,9 @@ def write_suite(docs: Sequence[str], tasks_dir: str | Path, *, seed: int = 1234,
 
 def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
     """The non-empty ``text_field`` strings of a JSON-lines file, in file order."""
-    from linear_moe.components.evaluate.inputs import read_text_lines
-
     path = Path(path)
     docs = []
-    for line_no, line in enumerate(read_text_lines(path, "test data"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"test data {path}, line {line_no}: not valid JSON ({err.msg})") from None
+    for line_no, record in read_json_lines(path, "test data"):
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             raise ValueError(f"test data {path}, line {line_no}: expected an object with a string "
                              f"{text_field!r} field (set text_field to the field holding the text)")

@@ -142,7 +142,7 @@ def tokenize(
         inputs = {p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p): sha256_file(p)
                   for p in files}
         atomic_write_json(tmp / MANIFEST_FILE, {"inputs": inputs, "outputs": hash_tree(tmp, exclude=(MANIFEST_FILE,)),
-                                         "params": params})
+                                                "params": params})
     return TokenizeResult(output_dir, stats)
 
 

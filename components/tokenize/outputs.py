@@ -18,4 +18,3 @@ def hash_tree(root: Path, exclude: tuple[str, ...] = ()) -> dict[str, str]:
     files = sorted(p for p in Path(root).rglob("*") if p.is_file())
     return {p.relative_to(root).as_posix(): sha256_file(p) for p in files
             if p.relative_to(root).as_posix() not in exclude}
-

@@ -61,14 +61,14 @@ def context_parallel_chunk(x_BT: torch.Tensor) -> torch.Tensor:
 
 def document_offsets(tokens_BT: torch.Tensor, eod: int) -> torch.Tensor:
     """Start offsets of the documents in the ``(1, B*T)`` concatenation of a batch, plus its end:
-    ``cu_seqlens (N + 1,)`` int64, as the mixers take them. A document starts at every sample start and after every ``eod``
-    token (the EOD ends the document before it)."""
+    ``cu_seqlens (N + 1,)`` int64, as the mixers take them. A document starts at every sample start
+    and after every ``eod`` token (the EOD ends the document before it)."""
     B, T = tokens_BT.shape
     after_eod = (tokens_BT[:, :-1] == eod).nonzero()  # (n, 2): sample b, position p -> next starts at p + 1
     starts = torch.cat([torch.arange(0, B * T, T, device=tokens_BT.device),
                         after_eod[:, 0] * T + after_eod[:, 1] + 1,
                         torch.tensor([B * T], device=tokens_BT.device)])
-    return torch.unique(starts).long()
+    return torch.unique(starts)  # sorted, int64
 
 
 def lm_forward_step(data_iterator, model):
@@ -92,9 +92,8 @@ def lm_forward_step(data_iterator, model):
     packed_seq_params = None
     if cu_seqlens is not None:
         tokens_BT, labels_BT, loss_mask_BT = (x.reshape(1, -1) for x in (tokens_BT, labels_BT, loss_mask_BT))
-        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        packed_seq_params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-                                            max_seqlen_q=max_len, max_seqlen_kv=max_len)
+        # our mixers read the offsets alone; max_seqlen (for Transformer Engine) would cost a device sync
+        packed_seq_params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens)
     B, T = tokens_BT.shape
     position_ids_BT = torch.arange(T, device=tokens_BT.device).expand(B, T)
     tokens_BT, labels_BT, loss_mask_BT, position_ids_BT = (
