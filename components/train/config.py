@@ -149,28 +149,15 @@ class TrainConfig:
 
 def data_parallel_size(world_size: int, *, tensor_parallel: int, pipeline_parallel: int, expert_parallel: int,
                        sequence_parallel: int) -> int:
-    """The one rule for how parallel sizes tile ``world_size`` processes; returns data parallel.
+    """Data parallel for ``world_size`` processes under these sizes; raises if they do not tile it.
 
-    ``tp * pp * sp`` must divide the world (the rest is dp). Megatron lays experts out on their own
-    grid, ``ep x expert_tp x pp`` with expert_tp = tp here, which must divide the world too: ``ep``
-    must divide ``dp * sp``.
+    The rule is megatron's, kept in one place: :meth:`~linear_moe.model.megatron.parallel.ParallelSizes.data_parallel`
+    (experts split over the tensor-parallel ranks, so ``expert_parallel`` must divide ``dp * sp``).
     """
-    model_parallel = tensor_parallel * pipeline_parallel * sequence_parallel
-    if world_size % model_parallel:
-        raise ValueError(
-            f"world size {world_size} is not divisible by tensor_parallel={tensor_parallel} x "
-            f"pipeline_parallel={pipeline_parallel} x sequence_parallel={sequence_parallel} = {model_parallel}; "
-            f"launch a multiple of {model_parallel} processes or change the sizes"
-        )
-    dp = world_size // model_parallel
-    if (dp * sequence_parallel) % expert_parallel:
-        raise ValueError(
-            f"expert_parallel={expert_parallel} must divide data_parallel x sequence_parallel = "
-            f"{dp * sequence_parallel} (world size {world_size}): megatron splits each expert over the "
-            f"tensor_parallel={tensor_parallel} ranks as well, so expert_parallel x tensor_parallel x "
-            f"pipeline_parallel = {expert_parallel * tensor_parallel * pipeline_parallel} must divide the world size"
-        )
-    return dp
+    from linear_moe.model.megatron.parallel import ParallelSizes
+
+    return ParallelSizes(tensor=tensor_parallel, pipeline=pipeline_parallel, expert=expert_parallel,
+                         context=sequence_parallel).data_parallel(world_size)
 
 
 def _check(condition: bool, field_name: str, message: str) -> None:

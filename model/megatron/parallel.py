@@ -32,16 +32,31 @@ class ParallelSizes:
             )
 
     def data_parallel(self, world_size: int) -> int:
-        """DP size for ``world_size`` ranks; raises if the sizes do not tile the world."""
-        model = self.tensor * self.pipeline * self.context
-        if world_size % model:
-            raise ValueError(f"world size {world_size} is not divisible by tensor*pipeline*context={model} ({self})")
-        expert_model = self.expert * self.expert_tensor * self.pipeline
-        if world_size % expert_model:
+        """DP size for ``world_size`` ranks, by megatron's rule (``initialize_model_parallel``).
+
+        The dense grid ``tensor x pipeline x context`` must divide the world; the rest is DP. Routed
+        experts lie on their own grid, ``expert x expert_tensor x pipeline``, which must divide it too.
+        Errors use the training flags' names (context parallel is our sequence parallel).
+        """
+        dense_grid = self.tensor * self.pipeline * self.context
+        if world_size % dense_grid:
             raise ValueError(
-                f"world size {world_size} is not divisible by expert*expert_tensor*pipeline={expert_model} ({self})"
+                f"world size {world_size} is not divisible by tensor_parallel={self.tensor} x "
+                f"pipeline_parallel={self.pipeline} x sequence_parallel={self.context} = {dense_grid}; "
+                f"launch a multiple of {dense_grid} processes or change the sizes"
             )
-        return world_size // model
+        data_parallel = world_size // dense_grid
+        expert_grid = self.expert * self.expert_tensor * self.pipeline
+        if world_size % expert_grid:
+            hint = (f": expert_parallel must divide data_parallel x sequence_parallel = {data_parallel * self.context}"
+                    if self.expert_tensor == self.tensor else "")
+            raise ValueError(
+                f"expert_parallel={self.expert} x expert_tensor_parallel={self.expert_tensor} x "
+                f"pipeline_parallel={self.pipeline} = {expert_grid} must divide the world size {world_size}. "
+                f"Megatron lays routed experts out on their own grid, each expert split over "
+                f"expert_tensor_parallel ranks (= tensor_parallel unless set){hint}"
+            )
+        return data_parallel
 
 
 def initialize_parallel(sizes: ParallelSizes, seed: int = 1234) -> None:
