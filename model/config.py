@@ -64,6 +64,7 @@ class ModelConfig:
     shared_expert_gate: bool = False  # scale the shared-expert output by a learned sigmoid gate
     moe_router: str = "softmax_topk"  # softmax_topk | mixtral (renormalised top-k) | sigmoid_bias
     moe_aux_loss_coeff: float = 1e-2  # load-balancing loss weight (sigmoid_bias balances by its bias: 0 is usual)
+    moe_aux_loss_type: str = "aux_loss"  # aux_loss (over the micro-batch) | seq_aux_loss (per sequence, DeepSeek-V3)
     moe_z_loss_coeff: float = 1e-3  # router z-loss weight
     moe_capacity_factor: float | None = None  # None = dropless; else each expert keeps its ceil(T*K/E*c) heaviest
     moe_bias_update_rate: float = 1e-3  # sigmoid_bias: step of the balancing-bias update
@@ -114,6 +115,10 @@ class ModelConfig:
         from linear_moe.model.moe.router import ROUTERS  # local import, like MIXERS above
 
         _check(self.moe_router in ROUTERS, "moe_router", f"unknown router {self.moe_router!r}; known: {sorted(ROUTERS)}")
+        from linear_moe.model.moe.losses import BALANCE_LOSSES
+
+        _check(self.moe_aux_loss_type in BALANCE_LOSSES, "moe_aux_loss_type",
+               f"unknown load-balancing loss {self.moe_aux_loss_type!r}; known: {sorted(BALANCE_LOSSES)}")
         _check(
             self.moe_capacity_factor is None or self.moe_capacity_factor > 0,
             "moe_capacity_factor",

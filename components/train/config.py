@@ -83,8 +83,14 @@ class TrainConfig:
                f"must be positive when eval_interval={self.eval_interval} > 0 (set eval_interval: 0 to disable)")
         _check(self.optimizer in OPTIMIZERS, "optimizer", f"{self.optimizer!r} not in {tuple(OPTIMIZERS)}")
         _check(self.recompute in RECOMPUTE_MODES, "recompute", f"{self.recompute!r} not in {RECOMPUTE_MODES}")
-        check_value_residual_layout(self.model_config(), pipeline_parallel=self.pipeline_parallel,  # and validates
-                                    full_recompute=self.recompute == "full")                     # the model
+        model = self.model_config()  # validates the model fields
+        check_value_residual_layout(model, pipeline_parallel=self.pipeline_parallel,
+                                    full_recompute=self.recompute == "full")
+        _check(not (self.reset_at_eod and self.micro_batch_size > 1 and model.moe_aux_loss_coeff > 0
+                    and model.moe_aux_loss_type == "seq_aux_loss"), "reset_at_eod",
+               f"runs each micro-batch as one packed sequence, so moe_aux_loss_type='seq_aux_loss' would balance "
+               f"the {self.micro_batch_size} samples of a micro-batch together, not each sequence; use "
+               "micro_batch_size: 1, or the model field moe_aux_loss_type: aux_loss")
 
     def model_config(self) -> ModelConfig:
         return preset(self.preset, **self.model_overrides)

@@ -7,6 +7,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+#: megatron's loss-tracker names -> metric names: one load-balancing metric whatever its type
+METRIC_NAMES = {"seq_load_balancing_loss": "load_balancing_loss"}
+
 
 class TrainingModel:
     """This rank's DDP-wrapped model chunk(s) and the step functions that drive them."""
@@ -134,9 +137,10 @@ class TrainingModel:
     def _moe_stats(self, num_microbatches: int) -> dict[str, Any]:
         """Router losses and per-expert load of the last step, identical on every rank.
 
-        ``load_balancing_loss`` / ``z_loss``: megatron's tracked router losses (before their
-        coefficients), mean over MoE layers and micro-batches; ``expert_load``: per MoE layer, the
-        fraction of routed tokens each expert received (global over all ranks).
+        ``load_balancing_loss`` (of either ``moe_aux_loss_type``) / ``z_loss``: megatron's tracked
+        router losses (before their coefficients), mean over MoE layers and micro-batches;
+        ``expert_load``: per MoE layer, the fraction of routed tokens each expert received (global
+        over all ranks).
         """
         from megatron.core import parallel_state as ps
         from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
@@ -166,5 +170,5 @@ class TrainingModel:
         replicas = dist.get_world_size() // ps.get_pipeline_model_parallel_world_size()
         losses = payload[counts.numel():] / (replicas * num_microbatches * len(moe_layers))
         fractions = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
-        stats = {name: float(value) for name, value in zip(names, losses.cpu())}
+        stats = {METRIC_NAMES.get(name, name): float(value) for name, value in zip(names, losses.cpu())}
         return {**stats, "expert_load": fractions.cpu().tolist()}

@@ -116,7 +116,7 @@ def transformer_config(
             ),
             moe_shared_expert_gate=mc.shared_expert_gate and mc.num_shared_experts > 0,
             moe_aux_loss_coeff=mc.moe_aux_loss_coeff,
-            moe_router_load_balancing_type="aux_loss" if mc.moe_aux_loss_coeff > 0 else "none",
+            moe_router_load_balancing_type=mc.moe_aux_loss_type if mc.moe_aux_loss_coeff > 0 else "none",
             moe_z_loss_coeff=mc.moe_z_loss_coeff or None,
             moe_expert_capacity_factor=mc.moe_capacity_factor,
             moe_token_drop_policy="probs",  # what model/moe/experts.dispatch does

@@ -8,7 +8,7 @@ from torch import nn
 
 from linear_moe.model.mlp import SwiGLU
 from linear_moe.model.moe.experts import Experts, dispatch, expert_capacity
-from linear_moe.model.moe.losses import load_balancing_loss, router_z_loss
+from linear_moe.model.moe.losses import BALANCE_LOSSES, router_z_loss
 from linear_moe.model.moe.router import ROUTERS
 
 
@@ -32,7 +32,7 @@ class MoELayer(nn.Module):
     """``x_BTD -> (y_BTD, MoEStats)``: top-k routed SwiGLU experts plus shared experts.
 
     Built from a ``ModelConfig``: ``num_experts``, ``moe_top_k``, ``moe_ffn_hidden_size``,
-    ``moe_router``, ``num_shared_experts`` (one SwiGLU of width ``n * moe_ffn_hidden_size``),
+    ``moe_router``, ``moe_aux_loss_type``, ``num_shared_experts`` (one SwiGLU of width ``n * moe_ffn_hidden_size``),
     ``shared_expert_gate`` (scale it by ``sigmoid(Linear(D, 1))``), ``moe_capacity_factor``,
     ``moe_aux_loss_coeff``, ``moe_z_loss_coeff``, ``moe_bias_update_rate``, ``initializer_range``.
     """
@@ -44,6 +44,8 @@ class MoELayer(nn.Module):
         self.capacity_factor = config.moe_capacity_factor
         self.aux_loss_coeff = config.moe_aux_loss_coeff
         self.z_loss_coeff = config.moe_z_loss_coeff
+        self.aux_loss_type = config.moe_aux_loss_type
+        self.balance_loss = BALANCE_LOSSES[config.moe_aux_loss_type]
         self.router = ROUTERS[config.moe_router](
             config.hidden_size, config.num_experts, config.moe_top_k,
             init_std=config.initializer_range, bias_update_rate=config.moe_bias_update_rate,
@@ -69,7 +71,7 @@ class MoELayer(nn.Module):
                 shared_TD = shared_TD * torch.sigmoid(self.shared_expert_gate(x_TD))
             y_TD = y_TD + shared_TD
         stats = MoEStats(
-            aux_loss=self.aux_loss_coeff * load_balancing_loss(routing.probs_TE, routing.topk_idx_TK),
+            aux_loss=self.aux_loss_coeff * self.balance_loss(routing.probs_TE.view(*x_BTD.shape[:2], -1), self.top_k),
             z_loss=self.z_loss_coeff * router_z_loss(routing.logits_TE),
             tokens_per_expert=plan.routed_per_expert_E,
             dropped=plan.dropped,

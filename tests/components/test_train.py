@@ -340,6 +340,14 @@ def test_values_of_the_wrong_type_name_the_field(fields, match):
         TrainConfig.from_dict(fields)
 
 
+def test_sequence_balance_loss_over_packed_micro_batches_is_refused():
+    seq = {"moe_aux_loss_type": "seq_aux_loss"}
+    with pytest.raises(ValueError, match="TrainConfig.reset_at_eod: runs each micro-batch as one packed sequence"):
+        TrainConfig(reset_at_eod=True, micro_batch_size=2, global_batch_size=2, model_overrides=seq)
+    TrainConfig(reset_at_eod=True, micro_batch_size=1, global_batch_size=2, model_overrides=seq)  # one sample each
+    TrainConfig(reset_at_eod=False, micro_batch_size=2, global_batch_size=2, model_overrides=seq)
+
+
 def test_numbers_fit_float_fields():
     model = TrainConfig.from_dict({"lr": 1, "model_overrides": {"expand_v": 2, "moe_capacity_factor": None}})
     assert model.lr == 1 and model.model_config().value_dim == 2 * model.model_config().head_dim

@@ -3,8 +3,8 @@ alone and composed with tensor, expert and pipeline parallelism.
 
 Both runs go through the trainer's own path (``TrainingModel.train_step``: megatron schedule, DDP,
 gradient clipping, the optimizer from ``optim.build_optimizer``) for 3 steps, on a hybrid GLA + softmax
-attention model with MoE (SP, SP x TP, SP x EP) or a gated-DeltaNet model with one MoE layer
-(SP x PP). The reference is the single-process layout (TP = PP = EP = SP = 1) run in the same
+attention model with MoE (SP, SP x EP; SP x TP with DeepSeek-V3 routing and its sequence-wise balance
+loss) or a gated-DeltaNet model with one MoE layer (SP x PP). The reference is the single-process layout (TP = PP = EP = SP = 1) run in the same
 spawned world with every rank training on the whole batch (data parallelism over identical batches
 equals one process). The parallel run starts from the reference's initial weights (sharded with
 ``shard_state_dict`` where TP/EP/PP split them); its step-1 gradients and step-3 weights are
@@ -25,6 +25,8 @@ from linear_moe.kernels.testing import assert_rel_close
 SEQ_LEN, BATCH, STEPS = 32, 2, 3
 LOSS_RATIO, GRAD_RATIO = 1e-5, 1e-4
 HYBRID_MOE = dict(layer_pattern="LA", num_layers=2, lsm_mixer="gla", moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3)
+# DeepSeek-V3 routing: a sequence-wise balance loss (per-sequence counts reduced over the TP x SP ranks)
+HYBRID_MOE_SEQ_BALANCE = dict(HYBRID_MOE, moe_router="sigmoid_bias", moe_aux_loss_type="seq_aux_loss")
 # two pipeline stages of one layer each: a dense gated-DeltaNet layer, then one with MoE
 GATED_DELTANET_MOE = dict(layer_pattern="lL", num_layers=2, lsm_mixer="gated_deltanet", moe_aux_loss_coeff=1e-2,
                           moe_z_loss_coeff=1e-3)
@@ -113,11 +115,11 @@ def test_seq_length_not_divisible_by_sp_is_rejected():
 @pytest.mark.parametrize("world, model, sizes", [
     (2, HYBRID_MOE, dict(context=2)),
     (4, HYBRID_MOE, dict(context=4)),
-    (4, HYBRID_MOE, dict(context=2, tensor=2)),
+    (4, HYBRID_MOE_SEQ_BALANCE, dict(context=2, tensor=2)),
     # SP=2 leaves DP=2; EP=2 splits the 4 experts, expert-DP=2
     (4, HYBRID_MOE, dict(context=2, expert=2)),
     # one layer per stage, each stage's sequence split over 2 SP ranks
     (4, GATED_DELTANET_MOE, dict(context=2, pipeline=2)),
-], ids=["sp2-hybrid_moe", "sp4-hybrid_moe", "sp2_tp2-hybrid_moe", "sp2_ep2-hybrid_moe", "sp2_pp2-gated_deltanet_moe"])
+], ids=["sp2-hybrid_moe", "sp4-hybrid_moe", "sp2_tp2-hybrid_moe_seq_balance", "sp2_ep2-hybrid_moe", "sp2_pp2-gated_deltanet_moe"])
 def test_sequence_parallel_matches_single_process_losses_and_grads(world, model, sizes):
     _check_matches_reference(spawn_world(_worker, args=(model, sizes), nprocs=world), sizes)

@@ -21,7 +21,14 @@ MODEL = dict(layer_pattern="LA", num_layers=2, lsm_mixer="gla", moe_aux_loss_coe
 
 @pytest.mark.distributed
 @pytest.mark.xdist_group("dist")
-def test_logged_moe_statistics_match_the_single_device_model():
+@pytest.mark.parametrize("router, aux_loss_type", [
+    ("softmax_topk", "aux_loss"),
+    ("softmax_topk", "seq_aux_loss"),
+    ("sigmoid_bias", "seq_aux_loss"),  # with a nonzero selection bias, which the balance loss must not count
+])
+def test_logged_moe_statistics_match_the_single_device_model(router, aux_loss_type):
+    from megatron.core.transformer.moe.router import TopKRouter
+
     from dist_support import FullView
     from linear_moe.components.convert.adapter import mcore_to_hf
     from linear_moe.components.train import TrainConfig
@@ -30,16 +37,22 @@ def test_logged_moe_statistics_match_the_single_device_model():
     from linear_moe.components.train.optim import build_optimizer
     from linear_moe.components.train.step import TrainingModel
     from linear_moe.model.modeling import LinearMoEConfig, LinearMoEForCausalLM
-    from linear_moe.model.moe import load_balancing_loss, router_z_loss
+    from linear_moe.model.moe import BALANCE_LOSSES, router_z_loss
 
-    config = TrainConfig(preset="tiny", model_overrides=MODEL, lr=1e-3, min_lr=1e-3, seq_length=32,
+    overrides = {**MODEL, "moe_router": router, "moe_aux_loss_type": aux_loss_type}
+    config = TrainConfig(preset="tiny", model_overrides=overrides, lr=1e-3, min_lr=1e-3, seq_length=32,
                          micro_batch_size=2, global_batch_size=2, seed=0)
     (batch,) = random_batches(1, batch_size=2, seq_length=32, vocab_size=config.model_config().vocab_size,
                               generator=torch.Generator().manual_seed(0))
     with world_of_one():
         model = TrainingModel.from_config(config)
+        routers = [m for m in model.chunks[0].module.modules() if isinstance(m, TopKRouter)]
+        for module in routers:
+            if module.expert_bias is not None:
+                module.expert_bias.copy_(0.3 * torch.randn(module.expert_bias.shape))
         full = FullView(model.chunks[0].module, config.model_config()).state()  # before the step changes it
         loss, moe = model.train_step([batch], build_optimizer(model.chunks, config))
+    assert len(routers) == 2 and all((m.expert_bias is not None) == (router == "sigmoid_bias") for m in routers)
 
     hf = LinearMoEForCausalLM(LinearMoEConfig.from_model_config(config.model_config())).eval()
     hf.load_state_dict(mcore_to_hf(full), strict=True)
@@ -47,7 +60,8 @@ def test_logged_moe_statistics_match_the_single_device_model():
 
     def record(module, inputs, output):
         routing = module.router(inputs[0].reshape(-1, inputs[0].shape[-1]))
-        aux.append(float(load_balancing_loss(routing.probs_TE, routing.topk_idx_TK)))
+        probs_BTE = routing.probs_TE.view(*inputs[0].shape[:2], -1)
+        aux.append(float(BALANCE_LOSSES[aux_loss_type](probs_BTE, module.top_k)))
         z.append(float(router_z_loss(routing.logits_TE)))
         counts = output[1].tokens_per_expert.double()
         loads.append((counts / counts.sum()).tolist())

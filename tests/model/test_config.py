@@ -31,6 +31,7 @@ def test_from_json_reads_a_file(tmp_path):
         (dict(lsm_backend="cuda"), "lsm_backend"),
         (dict(num_kv_heads=3), "num_kv_heads"),
         (dict(moe_capacity_factor=0.0), "moe_capacity_factor"),
+        (dict(moe_aux_loss_type="global_aux_loss"), "moe_aux_loss_type: unknown load-balancing loss"),
         (dict(memory_top_k=9), "memory_top_k"),
         (dict(hidden_size=0), "hidden_size: must be positive"),
         (dict(num_kv_heads=-2), "num_kv_heads: must be >= 0"),

@@ -12,7 +12,7 @@ from linear_moe.kernels.testing import assert_rel_close
 from linear_moe.model.config import ModelConfig
 from linear_moe.model.mixers import MIXERS, Mixer
 from linear_moe.model.mlp import SwiGLU
-from linear_moe.model.moe import ROUTERS, MoELayer, load_balancing_loss, router_z_loss
+from linear_moe.model.moe import ROUTERS, MoELayer, load_balancing_loss, router_z_loss, sequence_load_balancing_loss
 
 STUB_MIXER = "_moe_test_stub"
 SHARED = {"none": (0, False), "shared": (2, False), "shared-gated": (1, True)}
@@ -78,7 +78,7 @@ def reference_moe(layer: MoELayer, x_BTD: torch.Tensor, capacity: int | None = N
     assignments = [(float(w.detach()), t, j, e) for t, route in enumerate(routes) for j, (e, w) in enumerate(route)]
     by_expert = {e: sorted((a for a in assignments if a[3] == e), key=lambda a: (-a[0], a[1], a[2])) for e in range(E)}
     kept = {(t, j) for e in range(E) for _, t, j, _ in by_expert[e][:capacity]}  # [:None] keeps all
-    counts = [len(by_expert[e]) for e in range(E)]
+    counts = [len(by_expert[e]) for e in range(E)]  # routed (biased selection): the reported demand
     rows = []
     for t, x_D in enumerate(x_TD):
         y_D = torch.zeros_like(x_D)
@@ -94,8 +94,17 @@ def reference_moe(layer: MoELayer, x_BTD: torch.Tensor, capacity: int | None = N
             y_D = y_D + shared_D
         rows.append(y_D)
     T = len(rows)
-    mean_prob_E = torch.stack(probs).mean(0)
-    aux = E * sum(counts[e] / (T * k) * mean_prob_E[e] for e in range(E))
+    # the balance loss counts each token's top-k probabilities: no selection bias
+    unbiased = [sorted(range(E), key=lambda e: -float(p[e]))[:k] for p in probs]
+
+    def balance(tokens: range) -> torch.Tensor:
+        group_counts = [sum(e in unbiased[t] for t in tokens) for e in range(E)]
+        return E * sum(group_counts[e] / (len(tokens) * k) * torch.stack([probs[t][e] for t in tokens]).mean()
+                       for e in range(E))
+
+    B, L = x_BTD.shape[:2]  # seq_aux_loss: one group per sequence, averaged
+    groups = [range(b * L, (b + 1) * L) for b in range(B)] if layer.aux_loss_type == "seq_aux_loss" else [range(T)]
+    aux = sum(balance(tokens) for tokens in groups) / len(groups)
     z = torch.stack(z_terms).mean()
     return (torch.stack(rows).reshape(x_BTD.shape), layer.aux_loss_coeff * aux, layer.z_loss_coeff * z,
             counts, T * k - len(kept))
@@ -129,11 +138,13 @@ def _check_against_reference(layer: MoELayer, x_BTD: torch.Tensor, capacity: int
 
 
 # ---------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("aux_loss_type", ["aux_loss", "seq_aux_loss"])
 @pytest.mark.parametrize("shared", list(SHARED))
 @pytest.mark.parametrize("router", sorted(ROUTERS))
-def test_layer_matches_per_token_loop(make_config, router, shared):
+def test_layer_matches_per_token_loop(make_config, router, shared, aux_loss_type):
     num_shared, gated = SHARED[shared]
-    layer = MoELayer(make_config(moe_router=router, num_shared_experts=num_shared, shared_expert_gate=gated))
+    layer = MoELayer(make_config(moe_router=router, num_shared_experts=num_shared, shared_expert_gate=gated,
+                                 moe_aux_loss_type=aux_loss_type))
     if router == "sigmoid_bias":  # a nonzero balancing bias must steer selection in both paths
         layer.router.expert_bias_E.copy_(0.2 * torch.randn(4))
     stats = _check_against_reference(layer, torch.randn(2, 5, 8), capacity=None)
@@ -166,22 +177,28 @@ def test_capacity_keeps_the_heaviest_assignments_not_the_earliest():
     assert tied.token_N.tolist() == [0, 1, 4]
 
 
-def test_load_balancing_and_z_loss_match_numpy_counts():
-    logits_TE = np.array([[2.0, 0.5, -1.0], [0.1, 0.3, 0.2], [-0.5, 1.5, 1.0], [3.0, -2.0, 0.0]])
-    topk_idx_TK = np.array([[0, 1], [1, 2], [1, 2], [0, 2]])
-    probs_TE = np.exp(logits_TE) / np.exp(logits_TE).sum(-1, keepdims=True)
-    T, E = logits_TE.shape
-    K = topk_idx_TK.shape[1]
+def _numpy_balance(probs_TE: np.ndarray, k: int) -> float:
+    """``E * sum_e f_e P_e`` with ``f_e`` from each token's k largest probabilities, counted by hand."""
+    T, E = probs_TE.shape
     counts = [0] * E
-    for row in topk_idx_TK:
-        for e in row:
+    for row in probs_TE:
+        for e in np.argsort(-row)[:k]:
             counts[e] += 1
-    expected_aux = E * sum(counts[e] / (T * K) * probs_TE[:, e].mean() for e in range(E))
-    expected_z = np.mean([np.log(np.exp(row).sum()) ** 2 for row in logits_TE])
+    return E * sum(counts[e] / (T * k) * probs_TE[:, e].mean() for e in range(E))
 
-    aux = load_balancing_loss(torch.tensor(probs_TE, dtype=torch.float32), torch.tensor(topk_idx_TK))
-    z = router_z_loss(torch.tensor(logits_TE, dtype=torch.float32))
-    assert_rel_close("aux_loss", torch.tensor(expected_aux), aux, 1e-6)
+
+def test_balance_losses_and_z_loss_match_numpy_counts():
+    logits_BTE = np.array([[[2.0, 0.5, -1.0], [0.1, 0.3, 0.2]], [[-0.5, 1.5, 1.0], [3.0, -2.0, 0.0]]])
+    probs_BTE = np.exp(logits_BTE) / np.exp(logits_BTE).sum(-1, keepdims=True)
+    probs = torch.tensor(probs_BTE, dtype=torch.float32)
+    expected_aux = _numpy_balance(probs_BTE.reshape(4, 3), k=2)  # the micro-batch as one group
+    expected_seq = np.mean([_numpy_balance(row, k=2) for row in probs_BTE])  # each sequence, averaged
+    expected_z = np.mean([np.log(np.exp(row).sum()) ** 2 for row in logits_BTE.reshape(4, 3)])
+
+    assert_rel_close("aux_loss", torch.tensor(expected_aux), load_balancing_loss(probs, 2), 1e-6)
+    assert_rel_close("seq_aux_loss", torch.tensor(expected_seq), sequence_load_balancing_loss(probs, 2), 1e-6)
+    assert not np.isclose(expected_aux, expected_seq)  # the two groupings differ on this batch
+    z = router_z_loss(torch.tensor(logits_BTE.reshape(4, 3), dtype=torch.float32))
     assert_rel_close("z_loss", torch.tensor(expected_z), z, 1e-6)
 
 
