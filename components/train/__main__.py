@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from linear_moe.components.params import load_section
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as error:  # found by preflight, before any process group or model; other errors keep
         print(f"error: {error}", file=sys.stderr)  # their traceback
         return 2
-    print(json.dumps(result, sort_keys=True))
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary line per run, not one per torchrun rank
+        print(json.dumps(result, sort_keys=True))
     return 0
 
 

@@ -5,7 +5,8 @@ supplies the ``gmm`` op megatron's grouped-GEMM experts import). Each entry of :
 names one incompatibility measured on a CPU-only host (see tests/model/megatron/test_cpu_compat.py,
 which shows every unpatched call failing and passing after the patch). :func:`apply_cpu_patches` is
 idempotent and does nothing when CUDA is available, except for the :data:`WITHOUT_TRANSFORMER_ENGINE`
-patches that a GPU host without Transformer Engine needs as well. :func:`megatron_optimizer_on_cpu` is separate and
+patches that a GPU host without Transformer Engine needs as well. Patches whose failure needs two ranks
+are probed by their own two-process test there. :func:`megatron_optimizer_on_cpu` is separate and
 scoped: it lets tests run megatron's (CUDA-only) optimizer on CPU; the trainer never uses it.
 """
 from __future__ import annotations
@@ -163,6 +164,32 @@ def _patch_alltoall_split_sizes() -> None:
     token_dispatcher.all_to_all = all_to_all
 
 
+def _gather_uneven(input_: torch.Tensor, group, sizes: list[int]) -> torch.Tensor:
+    """All-gather along dim 0 where rank r holds ``sizes[r]`` rows: padded to the largest, then trimmed."""
+    padded = input_.new_zeros((max(sizes), *input_.shape[1:]))
+    padded[: input_.shape[0]] = input_
+    pieces = [torch.empty_like(padded) for _ in sizes]
+    torch.distributed.all_gather(pieces, padded, group=group)
+    return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)])
+
+
+def _patch_uneven_sequence_parallel_gather() -> None:
+    # Under TP with EP, the alltoall dispatcher all-gathers every TP rank's routed tokens in uneven
+    # counts (output_split_sizes); gloo's all_gather takes equal sizes only. (Its reduce_scatter, the
+    # backward, accepts uneven pieces.)
+    from megatron.core.tensor_parallel import mappings
+
+    original = mappings._gather_along_first_dim
+
+    @functools.wraps(original)
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return original(input_, group, output_split_sizes, use_global_buffer)
+        return _gather_uneven(input_, group, _as_split_list(output_split_sizes))
+
+    mappings._gather_along_first_dim = gather_along_first_dim
+
+
 def _patch_torch_norm_sequence_parallel() -> None:
     # WrappedTorchNorm asserts not sequence_parallel, but MoE with TP>1 requires it. A torch norm is
     # correct under SP as long as its parameters are marked, so that finalize_model_grads sums their
@@ -267,6 +294,7 @@ CPU_PATCHES: dict[str, Callable[[], None]] = {
     "rng_tracker": _patch_rng_tracker,
     "te_general_gemm": _patch_te_general_gemm,
     "alltoall_split_sizes": _patch_alltoall_split_sizes,
+    "uneven_sequence_parallel_gather": _patch_uneven_sequence_parallel_gather,
     "torch_norm_sequence_parallel": _patch_torch_norm_sequence_parallel,
     "hardcoded_cuda_device": _patch_hardcoded_cuda_device,
 }

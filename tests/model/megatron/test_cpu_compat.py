@@ -126,8 +126,12 @@ def results():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+#: patches whose failure needs two ranks: probed by their own two-process test below
+TWO_RANK_PATCHES = {"uneven_sequence_parallel_gather"}
+
+
 def test_every_patch_has_a_probe():
-    assert set(PROBES) == set(cpu_compat.CPU_PATCHES)
+    assert set(PROBES) | TWO_RANK_PATCHES == set(cpu_compat.CPU_PATCHES)
 
 
 @pytest.mark.parametrize("name", sorted(PROBES))
@@ -156,3 +160,29 @@ def test_refuses_other_megatron_version(monkeypatch):
 def test_unknown_patch_name_is_rejected():
     with pytest.raises(ValueError, match="unknown CPU patch 'nope'"):
         cpu_compat.apply_cpu_patches(names=("nope",))
+
+
+def _uneven_gather(rank: int, _scratch: str) -> dict:
+    """Rank r holds ``sizes[r]`` rows of ``r + 1``: megatron's uneven gather before and after the patch."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    sizes = [3, 5]
+    rows = torch.full((sizes[rank], 2), float(rank + 1))
+    cpu_compat.apply_cpu_patches(tuple(name for name in cpu_compat.CPU_PATCHES if name not in TWO_RANK_PATCHES))
+    try:
+        unpatched = mappings._gather_along_first_dim(rows, dist.group.WORLD, sizes)
+    except RuntimeError as error:
+        unpatched = str(error)
+    cpu_compat.apply_cpu_patches(tuple(TWO_RANK_PATCHES))
+    return dict(unpatched=unpatched, patched=mappings._gather_along_first_dim(rows, dist.group.WORLD, sizes))
+
+
+@pytest.mark.distributed
+@pytest.mark.xdist_group("dist")
+def test_uneven_sequence_parallel_gather_needs_the_patch_and_gives_each_ranks_rows_in_order():
+    from dist_support import spawn_world
+
+    result = spawn_world(_uneven_gather, nprocs=2)
+    assert isinstance(result["unpatched"], str) and "invalid tensor size" in result["unpatched"], result["unpatched"]
+    assert torch.equal(result["patched"], torch.cat([torch.full((3, 2), 1.0), torch.full((5, 2), 2.0)]))
