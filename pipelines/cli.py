@@ -62,9 +62,10 @@ def _add_pipeline_params(p: argparse.ArgumentParser) -> None:
 
 
 def _add_placement(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--train-gpus", type=int, default=0,
-                   help="GPUs for the train pod itself (in-pod training, use_trainjob off); the TrainJob asks "
-                        "for its own GPUs, so leave 0 with --use-trainjob")
+    p.add_argument("--train-gpus", type=int, default=0, choices=(0, 1),
+                   help="GPUs for the train pod itself (in-pod training, use_trainjob off), which trains as one "
+                        "process: 0 or 1. More GPUs: --use-trainjob with --nodes/--gpus-per-node (the TrainJob "
+                        "asks for its own, so leave 0 then)")
     p.add_argument("--no-cache", dest="enable_caching", action="store_false",
                    help="disable KFP caching of every step (default: caching on)")
 
@@ -125,8 +126,9 @@ def _arguments(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def validate_arguments(arguments: dict[str, Any]) -> None:
-    """Fail before submitting: model preset/mixer/pattern/overrides, parallel sizes vs nodes * GPUs and the
-    TrainJob's per-node CPU/memory quantities."""
+    """Fail before submitting: model preset/mixer/pattern/overrides, parallel sizes vs the processes that
+    will train (nodes * GPUs with a TrainJob, else the pipeline pod's one) and the TrainJob's per-node
+    CPU/memory quantities."""
     from linear_moe.model.config import preset
     from linear_moe.pipelines.train_step import model_overrides
     from linear_moe.pipelines.trainjob import ParallelLayout, procs_per_node, resource_quantity
@@ -136,7 +138,15 @@ def validate_arguments(arguments: dict[str, Any]) -> None:
         vocab_size=arguments["vocab_size"]))
     layout = ParallelLayout(arguments["tensor_parallel"], arguments["pipeline_parallel"],
                             arguments["expert_parallel"], arguments["sequence_parallel"])
-    layout.check(arguments["nodes"] * procs_per_node(arguments["gpus_per_node"]))
+    if arguments["use_trainjob"]:
+        layout.check(arguments["nodes"] * procs_per_node(arguments["gpus_per_node"]))
+    else:
+        try:
+            layout.check(1)
+        except ValueError as error:
+            raise ValueError(f"{error}. Without --use-trainjob the train step runs in the pipeline pod as one process "
+                             "(--nodes and --gpus-per-node apply to the TrainJob only): keep every parallel size at 1, "
+                             "or pass --use-trainjob") from None
     for name in ("cpu_per_node", "memory_per_node"):
         resource_quantity(name, arguments[name])
 

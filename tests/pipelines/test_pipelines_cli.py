@@ -117,12 +117,25 @@ def test_run_local_rejects_parallel_sizes_for_one_process(capsys, valid_mixer, t
     assert not root.exists()
 
 
+def test_nodes_do_not_make_room_for_parallel_sizes_without_a_trainjob(capsys, valid_mixer, tmp_path):
+    """--nodes sizes the TrainJob only: in-pod training stays one process, so TP=2 fails up front."""
+    root = tmp_path / "root"
+    assert cli.main(["run-local", "--pipeline-root", str(root), "--lsm-mixer", valid_mixer, "--tensor-parallel", "2",
+                     "--nodes", "2"]) == 2
+    assert "Without --use-trainjob the train step runs in the pipeline pod as one process" in capsys.readouterr().err
+    assert not root.exists()
+    arguments = {**cli._arguments(cli.parser().parse_args(["submit", "--host", "http://x", "--lsm-mixer", valid_mixer,
+                                                           "--tensor-parallel", "2", "--nodes", "2"])),
+                 "use_trainjob": True}
+    cli.validate_arguments(arguments)  # two TrainJob processes: TP=2 fits
+
+
 def test_compile_command_writes_the_ir(tmp_path):
     import yaml
 
     out = tmp_path / "p.yaml"
-    assert cli.main(["compile", "-o", str(out), "--train-gpus", "2", "--no-cache"]) == 0
+    assert cli.main(["compile", "-o", str(out), "--train-gpus", "1", "--no-cache"]) == 0
     spec = next(yaml.safe_load_all(out.read_text()))
     resources = spec["deploymentSpec"]["executors"]["exec-train-component"]["container"]["resources"]
-    assert resources["accelerator"]["resourceCount"] == "2"
+    assert resources["accelerator"]["resourceCount"] == "1"
     assert not any(t.get("cachingOptions", {}).get("enableCache") for t in spec["root"]["dag"]["tasks"].values())
