@@ -57,6 +57,6 @@ def parse_layer_pattern(pattern: str, num_layers: int | None = None) -> list[Lay
     if num_layers is not None and len(pattern) != num_layers:
         raise ValueError(
             f"layer_pattern {pattern!r} has {len(pattern)} symbols but num_layers={num_layers}; "
-            f"give one symbol per layer (position {min(len(pattern), num_layers)} is where they diverge)"
+            f"give one symbol per layer, or set num_layers={len(pattern)} (train CLI: --model num_layers={len(pattern)})"
         )
     return kinds

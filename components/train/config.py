@@ -114,7 +114,7 @@ class TrainConfig:
             return
         if self.optimizer == "megatron":
             raise ValueError("TrainConfig.optimizer='megatron' needs CUDA (megatron-core's optimizer is CUDA-only); "
-                             "use optimizer: torch on CPU")
+                             "use optimizer: torch (--optimizer torch) on CPU")
         if self.moe_grouped_gemm:
             raise ValueError("TrainConfig.moe_grouped_gemm=True needs bf16 parameters, which this trainer uses on GPUs "
                              "only (megatron's GroupedMLP asserts bf16); drop --moe-grouped-gemm on CPU")

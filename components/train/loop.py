@@ -126,7 +126,8 @@ def _preflight(config: TrainConfig, world_size: int):
     if tokenizer.vocab_size > model_config.vocab_size:
         raise ValueError(
             f"the tokenizer in {config.data_dir}/tokenizer has {tokenizer.vocab_size} tokens but the model's "
-            f"vocab_size is {model_config.vocab_size}; set model_overrides.vocab_size >= {tokenizer.vocab_size}"
+            f"vocab_size is {model_config.vocab_size}; set model_overrides.vocab_size >= {tokenizer.vocab_size} "
+            f"(on the command line: --model vocab_size={tokenizer.vocab_size})"
         )
     from linear_moe.components.tokenize import split_prefix
 

@@ -47,14 +47,18 @@ class ParallelSizes:
             )
         data_parallel = world_size // dense_grid
         expert_grid = self.expert * self.expert_tensor * self.pipeline
-        if world_size % expert_grid:
-            hint = (f": expert_parallel must divide data_parallel x sequence_parallel = {data_parallel * self.context}"
-                    if self.expert_tensor == self.tensor else "")
+        if world_size % expert_grid and self.expert_tensor == self.tensor:
             raise ValueError(
-                f"expert_parallel={self.expert} x expert_tensor_parallel={self.expert_tensor} x "
-                f"pipeline_parallel={self.pipeline} = {expert_grid} must divide the world size {world_size}. "
-                f"Megatron lays routed experts out on their own grid, each expert split over "
-                f"expert_tensor_parallel ranks (= tensor_parallel unless set){hint}"
+                f"expert_parallel={self.expert} must divide data_parallel x sequence_parallel = "
+                f"{data_parallel * self.context} (world size {world_size}): megatron splits each routed expert over "
+                f"the tensor_parallel={self.tensor} ranks, so expert_parallel x tensor_parallel x pipeline_parallel "
+                f"= {expert_grid} must divide the world size"
+            )
+        if world_size % expert_grid:
+            raise ValueError(
+                f"expert x expert_tensor x pipeline = {self.expert} x {self.expert_tensor} x {self.pipeline} = "
+                f"{expert_grid} must divide the world size {world_size}: megatron lays routed experts out on their "
+                f"own grid"
             )
         return data_parallel
 

@@ -112,8 +112,8 @@ def test_tokenizer_larger_than_model_vocab_is_rejected(data_dir, tmp_path):
 @pytest.mark.parametrize("world, sizes, match", [
     (3, dict(tensor_parallel=2), "not divisible by tensor_parallel=2"),
     (4, dict(tensor_parallel=2, pipeline_parallel=4), "not divisible"),
-    (2, dict(expert_parallel=4), "expert_parallel must divide data_parallel x sequence_parallel = 2"),
-    (2, dict(tensor_parallel=2, expert_parallel=2), "expert_parallel=2 x expert_tensor_parallel=2"),  # megatron refuses it
+    (2, dict(expert_parallel=4), "expert_parallel=4 must divide data_parallel x sequence_parallel = 2"),
+    (2, dict(tensor_parallel=2, expert_parallel=2), "expert_parallel=2 must divide data_parallel x sequence_parallel = 1"),
     (2, dict(global_batch_size=6, micro_batch_size=2), "global_batch_size=6"),
 ])
 def test_world_size_that_parallel_sizes_do_not_divide(data_dir, tmp_path, world, sizes, match):
