@@ -18,7 +18,8 @@ LOSS_RATIO = 1e-5
 GRAD_RATIO = 1e-4
 
 # Megatron computes the load-balancing loss per micro-batch on each DP rank (a product of two batch
-# means), so split-data DP equals DP=1 only without it: the GLA model trains with z-loss but no aux loss.
+# means), so split-data DP equals DP=1 only without it (the GLA model trains with z-loss but no aux
+# loss) or with the sequence-wise loss, a mean over sequences (seq_balance_dp2_runs).
 GLA_MODEL = dict(layer_pattern="lL", num_layers=2, lsm_mixer="gla", moe_aux_loss_coeff=0.0)
 DELTANET_MODEL = dict(layer_pattern="ll", num_layers=2, lsm_mixer="deltanet")
 HYBRID_MOE_MODEL = dict(layer_pattern="LA", num_layers=2, lsm_mixer="gla", moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3)
@@ -70,6 +71,12 @@ def hybrid_moe_tp2_ep2_runs():
                        world_size=4)
 
 
+@pytest.fixture(scope="module")
+def seq_balance_dp2_runs():
+    # The sequence-wise balance loss is a mean over sequences, so split-data DP=2 equals one process
+    return run_layouts(dict(HYBRID_MOE_MODEL, moe_aux_loss_type="seq_aux_loss"), dict(dp2=dict(sizes={})))
+
+
 def check_matches_reference(runs, layout_name):
     reference, layout = runs["reference"], runs[layout_name]
     assert not isinstance(layout, str), f"{layout_name} failed in the worker:\n{layout}"
@@ -106,6 +113,10 @@ def test_tp2_with_full_recompute_matches_tp1_loss_and_grads(gla_runs):
 
 def test_tp2_with_selective_recompute_matches_tp1_loss_and_grads(gla_runs):
     check_matches_reference(gla_runs, "tp2_selective_recompute")
+
+
+def test_dp2_matches_dp1_with_the_sequence_balance_loss(seq_balance_dp2_runs):
+    check_matches_reference(seq_balance_dp2_runs, "dp2")
 
 
 def test_tp2_matches_tp1_loss_and_grads_deltanet(deltanet_runs):
