@@ -126,27 +126,23 @@ def _arguments(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def validate_arguments(arguments: dict[str, Any]) -> None:
-    """Fail before submitting: model preset/mixer/pattern/overrides, parallel sizes vs the processes that
-    will train (nodes * GPUs with a TrainJob, else the pipeline pod's one) and the TrainJob's per-node
-    CPU/memory quantities."""
-    from linear_moe.model.config import preset
-    from linear_moe.pipelines.train_step import model_overrides
-    from linear_moe.pipelines.trainjob import ParallelLayout, procs_per_node, resource_quantity
+    """Fail before submitting: the train step's whole TrainConfig (model preset/mixer/pattern/overrides
+    included), its parallel sizes and batch sizes vs the processes that will train (nodes * GPUs with
+    a TrainJob, else the pipeline pod's one) and the TrainJob's per-node CPU/memory quantities."""
+    from linear_moe.pipelines.train_step import PARALLEL_FIELDS, train_config
+    from linear_moe.pipelines.trainjob import procs_per_node, resource_quantity
 
-    preset(arguments["preset"], **model_overrides(
-        arguments["model_overrides"], lsm_mixer=arguments["lsm_mixer"], layer_pattern=arguments["layer_pattern"],
-        vocab_size=arguments["vocab_size"]))
-    layout = ParallelLayout(arguments["tensor_parallel"], arguments["pipeline_parallel"],
-                            arguments["expert_parallel"], arguments["sequence_parallel"])
+    config = train_config(arguments)
     if arguments["use_trainjob"]:
-        layout.check(arguments["nodes"] * procs_per_node(arguments["gpus_per_node"]))
+        config.data_parallel(arguments["nodes"] * procs_per_node(arguments["gpus_per_node"]))
     else:
-        try:
-            layout.check(1)
-        except ValueError as error:
-            raise ValueError(f"{error}. Without --use-trainjob the train step runs in the pipeline pod as one process "
-                             "(--nodes and --gpus-per-node apply to the TrainJob only): keep every parallel size at 1, "
-                             "or pass --use-trainjob") from None
+        parallel = {name: getattr(config, name) for name in PARALLEL_FIELDS if getattr(config, name) > 1}
+        if parallel:
+            raise ValueError(
+                f"{', '.join(f'{name}={size}' for name, size in parallel.items())}: without --use-trainjob the train "
+                "step runs in the pipeline pod as one process (--nodes and --gpus-per-node size the TrainJob only); "
+                "keep every parallel size at 1, or pass --use-trainjob")
+        config.data_parallel(1)
     for name in ("cpu_per_node", "memory_per_node"):
         resource_quantity(name, arguments[name])
 
@@ -169,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
             from linear_moe.pipelines.submit import check_reachable, submit
 
             arguments = _arguments(args)
+            if args.train_gpus and arguments["use_trainjob"]:
+                raise ValueError(f"--train-gpus {args.train_gpus} asks GPUs for the train pod, which only waits for the "
+                                 "TrainJob with --use-trainjob: drop --train-gpus (the job asks for --gpus-per-node)")
             validate_arguments(arguments)
             check_reachable(args.host)
             with tempfile.TemporaryDirectory() as tmp:

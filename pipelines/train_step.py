@@ -14,7 +14,7 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from linear_moe.components.train.config import TrainConfig
 
@@ -49,6 +49,28 @@ def model_overrides(overrides_json: str = "", *, lsm_mixer: str = "", layer_patt
     if layer_pattern:
         overrides.update(layer_pattern=layer_pattern, num_layers=len(layer_pattern))
     return overrides
+
+
+PARALLEL_FIELDS = ("tensor_parallel", "pipeline_parallel", "expert_parallel", "sequence_parallel")
+
+
+def train_config(arguments: Mapping[str, Any], data_dir: str = "") -> TrainConfig:
+    """The TrainConfig the pipeline's train step trains, from its arguments (the names of
+    ``pipelines.pipeline.DEFAULTS`` and of ``train_component``'s parameters); validated on construction.
+
+    ``vocab_size`` is the tokenizer's (0 = the preset's); the cosine schedule decays to ``lr / 10``.
+    """
+    a = arguments
+    return TrainConfig(
+        preset=a["preset"],
+        model_overrides=model_overrides(a["model_overrides"], lsm_mixer=a["lsm_mixer"],
+                                        layer_pattern=a["layer_pattern"], vocab_size=a["vocab_size"]),
+        **({"data_dir": data_dir} if data_dir else {}),
+        seq_length=a["seq_length"], micro_batch_size=a["micro_batch_size"], global_batch_size=a["global_batch_size"],
+        reset_at_eod=a["reset_at_eod"], steps=a["steps"], lr=a["lr"], min_lr=a["lr"] / 10, seed=a["seed"],
+        eval_interval=a["eval_interval"], save_interval=a["save_interval"], dvclive=False,
+        **{name: a[name] for name in PARALLEL_FIELDS},
+    )
 
 
 def extra_train_flags(config: TrainConfig) -> list[str]:

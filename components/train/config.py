@@ -86,11 +86,12 @@ class TrainConfig:
         model = self.model_config()  # validates the model fields
         check_value_residual_layout(model, pipeline_parallel=self.pipeline_parallel,
                                     full_recompute=self.recompute == "full")
-        _check(not (self.reset_at_eod and self.micro_batch_size > 1 and model.moe_aux_loss_coeff > 0
+        has_moe = any(kind.is_moe for kind in model.layer_kinds)
+        _check(not (self.reset_at_eod and self.micro_batch_size > 1 and has_moe and model.moe_aux_loss_coeff > 0
                     and model.moe_aux_loss_type == "seq_aux_loss"), "reset_at_eod",
                f"runs each micro-batch as one packed sequence, so moe_aux_loss_type='seq_aux_loss' would balance "
                f"the {self.micro_batch_size} samples of a micro-batch together, not each sequence; use "
-               "micro_batch_size: 1, or the model field moe_aux_loss_type: aux_loss")
+               "micro_batch_size: 1, reset_at_eod: false, or the model field moe_aux_loss_type: aux_loss")
 
     def model_config(self) -> ModelConfig:
         return preset(self.preset, **self.model_overrides)

@@ -55,21 +55,10 @@ def train_component(
     """
     import hashlib
 
-    from linear_moe.components.train import TrainConfig
     from linear_moe.pipelines.images import PROJECT_IMAGE
-    from linear_moe.pipelines.train_step import TrainJobTarget, model_overrides as build_overrides, run_train_step
+    from linear_moe.pipelines.train_step import TrainJobTarget, run_train_step, train_config
 
-    config = TrainConfig(
-        preset=preset,
-        model_overrides=build_overrides(model_overrides, lsm_mixer=lsm_mixer, layer_pattern=layer_pattern,
-                                        vocab_size=vocab_size),
-        data_dir=data.path, seq_length=seq_length, micro_batch_size=micro_batch_size,
-        global_batch_size=global_batch_size, reset_at_eod=reset_at_eod, steps=steps, lr=lr, min_lr=lr / 10,
-        seed=seed,
-        tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel, expert_parallel=expert_parallel,
-        sequence_parallel=sequence_parallel, eval_interval=eval_interval, save_interval=save_interval,
-        dvclive=False,
-    )
+    config = train_config(locals(), data_dir=data.path)  # the parameters are the pipeline's argument names
     target = None
     if use_trainjob:
         # The artifact URI is unique per task execution and stable across pod retries (which then resume).

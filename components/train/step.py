@@ -75,14 +75,16 @@ class TrainingModel:
         global grad norm in ``self.last_grad_norm``). Returns the global mean loss and the MoE
         statistics, identical on every rank.
         """
-        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
         for chunk in self.chunks:
             chunk.train()
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
         self._tokens_per_expert.clear()
-        clear_aux_losses_tracker()
+        # emptied, not zeroed (megatron's clear_aux_losses_tracker): the process-wide tracker would keep
+        # the entries of another model's loss type, and _moe_stats reads every entry
+        get_moe_layer_wise_logging_tracker().clear()
         losses = self._schedule(batches, forward_only=False)
         self.last_grad_norm = optimizer.step()
         return self._global_mean(losses), self._moe_stats(len(batches))

@@ -166,6 +166,8 @@ def _patch_alltoall_split_sizes() -> None:
 
 def _gather_uneven(input_: torch.Tensor, group, sizes: list[int]) -> torch.Tensor:
     """All-gather along dim 0 where rank r holds ``sizes[r]`` rows: padded to the largest, then trimmed."""
+    if input_.shape[0] != sizes[group.rank()]:
+        raise ValueError(f"uneven gather: rank {group.rank()} holds {input_.shape[0]} rows, split sizes say {sizes}")
     padded = input_.new_zeros((max(sizes), *input_.shape[1:]))
     padded[: input_.shape[0]] = input_
     pieces = [torch.empty_like(padded) for _ in sizes]

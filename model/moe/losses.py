@@ -20,7 +20,7 @@ def _balance_per_row(probs_BTE: torch.Tensor, top_k: int) -> torch.Tensor:
     """
     batch, tokens, num_experts = probs_BTE.shape
     topk_idx_BN = probs_BTE.detach().topk(top_k, dim=-1).indices.reshape(batch, -1)
-    counts_BE = torch.zeros(batch, num_experts, device=probs_BTE.device).scatter_add_(
+    counts_BE = torch.zeros(batch, num_experts, dtype=torch.float32, device=probs_BTE.device).scatter_add_(
         1, topk_idx_BN, torch.ones_like(topk_idx_BN, dtype=torch.float32))
     fraction_BE = counts_BE / max(tokens * top_k, 1)
     mean_prob_BE = probs_BTE.float().mean(dim=1)

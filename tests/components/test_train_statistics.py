@@ -25,6 +25,7 @@ MODEL = dict(layer_pattern="LA", num_layers=2, lsm_mixer="gla", moe_aux_loss_coe
     ("softmax_topk", "aux_loss"),
     ("softmax_topk", "seq_aux_loss"),
     ("sigmoid_bias", "seq_aux_loss"),  # with a nonzero selection bias, which the balance loss must not count
+    ("mixtral", "aux_loss"),  # after a seq_aux_loss run in the same process: megatron's tracker is global
 ])
 def test_logged_moe_statistics_match_the_single_device_model(router, aux_loss_type):
     from megatron.core.transformer.moe.router import TopKRouter

@@ -12,8 +12,9 @@ the output, the input gradient and every parameter's gradient within 1e-5, excep
 * RWKV-7 (layer 0, and a later layer with the value residual fed the same ``v_first``) within 2e-4,
   the level at which fla's DPLR kernel and our chunked DPLR form agree on their own (measured: 2e-5 on
   the output, at most 1e-4 on a gradient);
-* ReBased within 2e-3: its normaliser ``sum_i (y_q . y_k_i)^2 / d`` comes near 0 at early tokens, so the
-  q/k-path gradients lose digits in fp32 (measured against our fp64 run: ours up to 2.6e-4 off, fla's
+* ReBased's q/k path (input, q/k projection and feature-map gradients) within 2e-3, the rest within
+  1e-5: its normaliser ``sum_i (y_q . y_k_i)^2 / d`` comes near 0 at early tokens, so the q/k-path
+  gradients lose digits in fp32 (measured against our fp64 run: ours up to 2.6e-4 off, fla's
   input gradient 3.5e-4; the two 7.4e-4 apart, while the output and the v/o gradients agree to 5e-6).
 
 Based agrees to 6e-6, all of it the normaliser's eps (ours 1e-5, fla's parallel kernel 1e-6). Where our
@@ -203,7 +204,7 @@ LAYERS = {
                   kwargs=dict(feature_dim=16, num_key_value_heads=H), names=_proj(*"qkvo")),
     "rebased": dict(mixer="rebased", fla="fla.layers.rebased.ReBasedLinearAttention", tie=_tie_rebased,
                     kwargs=dict(feature_dim=16, num_key_value_heads=H), names=_proj(*"qkvo") | REBASED_MAP,
-                    ratio=RATIO_REBASED),
+                    loose=("dx", "dq_proj", "dk_proj", "dfeature_map"), ratio=RATIO_REBASED),
     "mamba2": dict(mixer="mamba2", fla="fla.layers.mamba2.Mamba2",
                    shared=("hidden_size", "num_heads", "norm_eps", "layer_idx"), names=_mamba2_names(H),
                    kwargs=dict(head_dim=16, state_size=16, expand=1, n_groups=H, conv_kernel=4, use_conv_bias=False,
@@ -292,6 +293,11 @@ def errors():
 def test_mixer_equals_the_fla_layer(errors, name):
     ours = {f"d{n}" for our, _ in LAYERS[name]["names"].values() for n in _names(our)}
     assert set(errors[name]) == {"y", "dx"} | ours
-    ratio = LAYERS[name].get("ratio", RATIO)
-    bad = {key: value for key, value in errors[name].items() if not value <= ratio}
-    assert not bad, f"{name} vs fla: relative errors above {ratio}: {bad}"
+    spec = LAYERS[name]
+    loose = spec.get("loose", tuple(errors[name]))  # the keys held to ``ratio``; the others to RATIO
+
+    def ratio(key: str) -> float:
+        return spec.get("ratio", RATIO) if key.startswith(loose) else RATIO
+
+    bad = {key: (value, ratio(key)) for key, value in errors[name].items() if not value <= ratio(key)}
+    assert not bad, f"{name} vs fla: relative errors above their bounds (error, bound): {bad}"

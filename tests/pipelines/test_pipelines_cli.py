@@ -56,8 +56,9 @@ def test_submit_unreachable_host_is_a_clear_error(monkeypatch, capsys, valid_mix
 @pytest.mark.parametrize("argv,match", [
     (["--preset", "huge"], "unknown preset"),
     (["--layer-pattern", "LLQ"], "unknown symbol 'Q'"),
-    (["--tensor-parallel", "3", "--nodes", "1", "--gpus-per-node", "8"], "is not divisible by"),
-    (["--expert-parallel", "16", "--nodes", "1", "--gpus-per-node", "8"], "expert_parallel"),
+    (["--tensor-parallel", "3", "--nodes", "1", "--gpus-per-node", "8", "--use-trainjob"], "is not divisible by"),
+    (["--expert-parallel", "16", "--nodes", "1", "--gpus-per-node", "8", "--use-trainjob"],
+     "expert_parallel=16 must divide"),
     (["--model-overrides", "{hidden_size: 8"], "is not valid JSON"),
     (["--model-overrides", '{"hidden_sise": 8}'], "hidden_sise"),
     (["--cpu-per-node", "abc"], "cpu_per_node 'abc' is not a positive Kubernetes quantity"),
@@ -113,7 +114,7 @@ def test_run_local_rejects_parallel_sizes_for_one_process(capsys, valid_mixer, t
     root = tmp_path / "root"
     assert cli.main(["run-local", "--pipeline-root", str(root), "--lsm-mixer", valid_mixer,
                      "--tensor-parallel", "2"]) == 2
-    assert "world size 1 is not divisible by" in capsys.readouterr().err
+    assert "tensor_parallel=2: without --use-trainjob the train step runs in the pipeline pod" in capsys.readouterr().err
     assert not root.exists()
 
 
@@ -122,12 +123,21 @@ def test_nodes_do_not_make_room_for_parallel_sizes_without_a_trainjob(capsys, va
     root = tmp_path / "root"
     assert cli.main(["run-local", "--pipeline-root", str(root), "--lsm-mixer", valid_mixer, "--tensor-parallel", "2",
                      "--nodes", "2"]) == 2
-    assert "Without --use-trainjob the train step runs in the pipeline pod as one process" in capsys.readouterr().err
+    assert "without --use-trainjob the train step runs in the pipeline pod as one process" in capsys.readouterr().err
     assert not root.exists()
-    arguments = {**cli._arguments(cli.parser().parse_args(["submit", "--host", "http://x", "--lsm-mixer", valid_mixer,
-                                                           "--tensor-parallel", "2", "--nodes", "2"])),
-                 "use_trainjob": True}
+    arguments = cli._arguments(cli.parser().parse_args(["submit", "--host", "http://x", "--lsm-mixer", valid_mixer,
+                                                        "--tensor-parallel", "2", "--nodes", "2", "--use-trainjob"]))
     cli.validate_arguments(arguments)  # two TrainJob processes: TP=2 fits
+
+
+def test_train_config_errors_come_before_the_pipeline_runs(capsys, valid_mixer, tmp_path):
+    """The train step's own TrainConfig checks run up front: here the packed-batch refusal of the
+    sequence-wise balance loss (the pipeline trains with reset_at_eod and micro-batches of 4)."""
+    root = tmp_path / "root"
+    assert cli.main(["run-local", "--pipeline-root", str(root), "--lsm-mixer", valid_mixer,
+                     "--model-overrides", '{"moe_aux_loss_type": "seq_aux_loss"}']) == 2
+    assert "TrainConfig.reset_at_eod: runs each micro-batch as one packed sequence" in capsys.readouterr().err
+    assert not root.exists()
 
 
 def test_compile_command_writes_the_ir(tmp_path):
@@ -139,3 +149,10 @@ def test_compile_command_writes_the_ir(tmp_path):
     resources = spec["deploymentSpec"]["executors"]["exec-train-component"]["container"]["resources"]
     assert resources["accelerator"]["resourceCount"] == "1"
     assert not any(t.get("cachingOptions", {}).get("enableCache") for t in spec["root"]["dag"]["tasks"].values())
+
+
+def test_submit_refuses_train_pod_gpus_with_a_trainjob(capsys, valid_mixer):
+    host = f"http://127.0.0.1:{_closed_port()}"
+    assert cli.main(["submit", "--host", host, "--lsm-mixer", valid_mixer, "--train-gpus", "1", "--use-trainjob"]) == 2
+    err = capsys.readouterr().err
+    assert "--train-gpus 1 asks GPUs for the train pod" in err and "unreachable" not in err
