@@ -7,8 +7,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-#: megatron's loss-tracker names -> metric names: one load-balancing metric whatever its type
-METRIC_NAMES = {"seq_load_balancing_loss": "load_balancing_loss"}
+#: ModelConfig.moe_aux_loss_type -> the name megatron's loss tracker gives that load-balancing loss
+TRACKED_BALANCE_LOSS = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss"}
 
 
 class TrainingModel:
@@ -82,8 +82,8 @@ class TrainingModel:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
         self._tokens_per_expert.clear()
-        # emptied, not zeroed (megatron's clear_aux_losses_tracker): the process-wide tracker would keep
-        # the entries of another model's loss type, and _moe_stats reads every entry
+        # emptied, not zeroed (megatron's clear_aux_losses_tracker): the tracker is process-wide, and an
+        # entry left by another model keeps that model's reduce group
         get_moe_layer_wise_logging_tracker().clear()
         losses = self._schedule(batches, forward_only=False)
         self.last_grad_norm = optimizer.step()
@@ -151,9 +151,11 @@ class TrainingModel:
         if not moe_layers:
             return {}
         tracker = get_moe_layer_wise_logging_tracker()
-        names = sorted(name for name in tracker if name.endswith("loss"))
-        losses = torch.zeros(len(names), dtype=torch.float64, device=self.device)
-        for row, name in enumerate(names):
+        metrics = self._tracked_router_losses()  # from the config: the same list on every rank
+        losses = torch.zeros(len(metrics), dtype=torch.float64, device=self.device)
+        for row, name in enumerate(metrics):
+            if name not in tracker:  # a pipeline stage without MoE layers logs nothing: its share is 0
+                continue
             values = tracker[name]["values"].detach().double().clone()
             if tracker[name].get("reduce_group") is not None:
                 # a load-balancing loss is tracked as per-rank shares over its group (TP x CP tokens)
@@ -172,5 +174,15 @@ class TrainingModel:
         replicas = dist.get_world_size() // ps.get_pipeline_model_parallel_world_size()
         losses = payload[counts.numel():] / (replicas * num_microbatches * len(moe_layers))
         fractions = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
-        stats = {METRIC_NAMES.get(name, name): float(value) for name, value in zip(names, losses.cpu())}
+        stats = {metric: float(value) for metric, value in zip(metrics.values(), losses.cpu())}
         return {**stats, "expert_load": fractions.cpu().tolist()}
+
+    def _tracked_router_losses(self) -> dict[str, str]:
+        """megatron tracker name -> metric name of each router loss this model trains with."""
+        config = self.model_config
+        losses = {}
+        if config.moe_aux_loss_coeff > 0:
+            losses[TRACKED_BALANCE_LOSS[config.moe_aux_loss_type]] = "load_balancing_loss"
+        if config.moe_z_loss_coeff > 0:
+            losses["z_loss"] = "z_loss"
+        return losses

@@ -217,8 +217,10 @@ def test_cli_help_explains_every_option():
 @pytest.mark.distributed
 @pytest.mark.xdist_group("dist")
 @pytest.mark.parametrize("extra, both", [([], []), (["--tensor-parallel", "2"], []), (["--sequence-parallel", "2"], []),
-                                         (["--sequence-parallel", "2"], ["--reset-at-eod"])],
-                         ids=["dp2", "tp2", "sp2", "sp2-reset-at-eod"])
+                                         (["--sequence-parallel", "2"], ["--reset-at-eod"]),
+                                         # stage 0 has no MoE layer, so its ranks log no router loss
+                                         (["--pipeline-parallel", "2"], ["--model", "layer_pattern=lA"])],
+                         ids=["dp2", "tp2", "sp2", "sp2-reset-at-eod", "pp2-moe-free-stage"])
 def test_torchrun_two_processes_match_single_process_losses(data_dir, tmp_path, extra, both):
     """The whole CLI under torchrun (data sharding, loss reduction, multi-rank checkpoints) equals one process;
     with --reset-at-eod documents cross the two SP ranks' boundary."""

@@ -82,6 +82,13 @@ def test_logged_moe_statistics_match_the_single_device_model(router, aux_loss_ty
     assert_rel_close("expert load", torch.tensor(loads[:2]), torch.tensor(moe["expert_load"]), 1e-6)
 
 
+def test_every_balance_loss_has_its_megatron_tracker_name():
+    from linear_moe.components.train.step import TRACKED_BALANCE_LOSS
+    from linear_moe.model.moe import BALANCE_LOSSES
+
+    assert set(TRACKED_BALANCE_LOSS) == set(BALANCE_LOSSES)
+
+
 def test_masked_mean_loss_is_the_mean_over_unmasked_tokens():
     from linear_moe.model.megatron.step import masked_mean_loss
 
