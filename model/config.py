@@ -105,7 +105,7 @@ class ModelConfig:
 
         _check(self.lsm_mixer in MIXERS, "lsm_mixer", f"unknown mixer {self.lsm_mixer!r}; known: {sorted(MIXERS)}")
         MIXERS[self.lsm_mixer].validate_config(self)
-        if any(kind.is_moe for kind in self.layer_kinds):
+        if self.has_moe:
             _check(self.num_experts > 0, "num_experts", f"must be positive, got {self.num_experts}")
             _check(
                 0 < self.moe_top_k <= self.num_experts,
@@ -131,6 +131,11 @@ class ModelConfig:
     @property
     def layer_kinds(self):
         return parse_layer_pattern(self.layer_pattern, self.num_layers)
+
+    @property
+    def has_moe(self) -> bool:
+        """Whether any layer of the pattern takes an MoE feed-forward."""
+        return any(kind.is_moe for kind in self.layer_kinds)
 
     @property
     def key_dim(self) -> int:

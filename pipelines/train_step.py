@@ -119,8 +119,7 @@ def prepare_trainjob(config: TrainConfig, target: TrainJobTarget) -> tuple[dict[
 
     layout = trainjob.ParallelLayout(config.tensor_parallel, config.pipeline_parallel, config.expert_parallel,
                                      config.sequence_parallel)
-    layout.check(target.nodes * trainjob.procs_per_node(target.gpus_per_node))
-    config.data_parallel(target.nodes * trainjob.procs_per_node(target.gpus_per_node))  # also the batch sizes
+    config.data_parallel(target.nodes * trainjob.procs_per_node(target.gpus_per_node))  # sizes, then batch sizes
     overrides = config.model_overrides
     command = trainjob.train_command(
         config.preset, lsm_mixer=overrides.get("lsm_mixer", ""), layer_pattern=overrides.get("layer_pattern", ""),

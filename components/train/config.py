@@ -86,8 +86,7 @@ class TrainConfig:
         model = self.model_config()  # validates the model fields
         check_value_residual_layout(model, pipeline_parallel=self.pipeline_parallel,
                                     full_recompute=self.recompute == "full")
-        has_moe = any(kind.is_moe for kind in model.layer_kinds)
-        _check(not (self.reset_at_eod and self.micro_batch_size > 1 and has_moe and model.moe_aux_loss_coeff > 0
+        _check(not (self.reset_at_eod and self.micro_batch_size > 1 and model.has_moe and model.moe_aux_loss_coeff > 0
                     and model.moe_aux_loss_type == "seq_aux_loss"), "reset_at_eod",
                f"runs each micro-batch as one packed sequence, so moe_aux_loss_type='seq_aux_loss' would balance "
                f"the {self.micro_batch_size} samples of a micro-batch together, not each sequence; use "

@@ -65,8 +65,7 @@ def transformer_config(
     on_gpu = torch.cuda.is_available()
     if params_dtype is None:
         params_dtype = torch.bfloat16 if on_gpu else torch.float32
-    has_moe = any(kind.is_moe for kind in mc.layer_kinds)
-    if has_moe:
+    if mc.has_moe:
         _check_divisible(mc, "num_experts", mc.num_experts, "expert", parallel.expert)
     fields: dict[str, Any] = dict(
         # trunk
@@ -106,7 +105,7 @@ def transformer_config(
         hetereogenous_dist_checkpoint=True,
         **RECOMPUTE[recompute],
     )
-    if has_moe:
+    if mc.has_moe:
         fields.update(
             num_moe_experts=mc.num_experts,
             moe_router_topk=mc.moe_top_k,

@@ -47,14 +47,14 @@ class ParallelSizes:
             )
         data_parallel = world_size // dense_grid
         expert_grid = self.expert * self.expert_tensor * self.pipeline
-        if world_size % expert_grid and self.expert_tensor == self.tensor:
-            raise ValueError(
-                f"expert_parallel={self.expert} must divide data_parallel x sequence_parallel = "
-                f"{data_parallel * self.context} (world size {world_size}): megatron splits each routed expert over "
-                f"the tensor_parallel={self.tensor} ranks, so expert_parallel x tensor_parallel x pipeline_parallel "
-                f"= {expert_grid} must divide the world size"
-            )
         if world_size % expert_grid:
+            if self.expert_tensor == self.tensor:  # the training flags' case: say it in their terms
+                raise ValueError(
+                    f"expert_parallel={self.expert} must divide data_parallel x sequence_parallel = "
+                    f"{data_parallel * self.context} (world size {world_size}): megatron splits each routed expert "
+                    f"over the tensor_parallel={self.tensor} ranks, so expert_parallel x tensor_parallel x "
+                    f"pipeline_parallel = {expert_grid} must divide the world size"
+                )
             raise ValueError(
                 f"expert x expert_tensor x pipeline = {self.expert} x {self.expert_tensor} x {self.pipeline} = "
                 f"{expert_grid} must divide the world size {world_size}: megatron lays routed experts out on their "

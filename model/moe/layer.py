@@ -45,7 +45,6 @@ class MoELayer(nn.Module):
         self.aux_loss_coeff = config.moe_aux_loss_coeff
         self.z_loss_coeff = config.moe_z_loss_coeff
         self.aux_loss_type = config.moe_aux_loss_type
-        self.balance_loss = BALANCE_LOSSES[config.moe_aux_loss_type]
         self.router = ROUTERS[config.moe_router](
             config.hidden_size, config.num_experts, config.moe_top_k,
             init_std=config.initializer_range, bias_update_rate=config.moe_bias_update_rate,
@@ -71,7 +70,8 @@ class MoELayer(nn.Module):
                 shared_TD = shared_TD * torch.sigmoid(self.shared_expert_gate(x_TD))
             y_TD = y_TD + shared_TD
         stats = MoEStats(
-            aux_loss=self.aux_loss_coeff * self.balance_loss(routing.probs_TE.view(*x_BTD.shape[:2], -1), self.top_k),
+            aux_loss=self.aux_loss_coeff * BALANCE_LOSSES[self.aux_loss_type](
+                routing.probs_TE.view(*x_BTD.shape[:2], -1), self.top_k),
             z_loss=self.z_loss_coeff * router_z_loss(routing.logits_TE),
             tokens_per_expert=plan.routed_per_expert_E,
             dropped=plan.dropped,
