@@ -161,6 +161,8 @@ def _gpu_lengths(args: argparse.Namespace) -> Suite:
         notes=[f"A0.3B-2B shapes (hidden 1024, 8 heads, 64 experts, top-8, expert FFN 896, vocab 32000) with "
                f"num_layers reduced from 12 to {args.layers} to fit one GPU",
                "one micro-batch per step; the trainer's default optimizer (torch AdamW over the bf16 parameters)",
+               "experts: " + ("megatron's GroupedMLP (grouped GEMM)" if args.grouped_gemm else
+                              "megatron's SequentialMLP (one MLP per expert)"),
                "softmax layers: the project's attention mixer (SDPA with an explicit boolean causal mask, so no "
                "FlashAttention kernel)"]
         + ([f"model overrides from --model-overrides: {args.model_overrides}"] if args.model_overrides else []),
@@ -222,7 +224,8 @@ def _timed_steps(case: Case, args: argparse.Namespace, row: dict[str, Any]) -> N
     device = args.torch_device
     train_config = TrainConfig(preset=case.preset, model_overrides=case.model_overrides, seq_length=case.seq_length,
                                micro_batch_size=case.micro_batch_size, global_batch_size=case.micro_batch_size * case.num_microbatches,
-                               seed=args.seed, lr=1e-4, min_lr=1e-5, weight_decay=0.1, grad_clip=1.0)
+                               seed=args.seed, lr=1e-4, min_lr=1e-5, weight_decay=0.1, grad_clip=1.0,
+                               moe_grouped_gemm=args.grouped_gemm)
     model_config = train_config.model_config()
     row.update(model_config=model_config.to_dict(), layer_pattern=model_config.layer_pattern,
                mixer=model_config.lsm_mixer if case.group != "softmax" else "attention")
@@ -340,6 +343,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4, help="gpu-lengths: layers of the A0.3B-2B-shaped model")
     p.add_argument("--mixers", default="gla,softmax,gated_deltanet",
                    help="gpu-lengths: LSM mixer names and/or 'softmax' (all-attention baseline), in run order")
+    p.add_argument("--grouped-gemm", action="store_true",
+                   help="megatron's grouped-GEMM experts (TrainConfig.moe_grouped_gemm; bf16, so GPU) instead of "
+                        "one MLP per expert")
     args = p.parse_args(argv)
     args.mixers = [m.strip() for m in args.mixers.split(",") if m.strip()]
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -22,6 +22,7 @@
 #                                    A0.3B-2B head shape): our dispatch vs fla called directly vs SDPA
 #   sp_gpu.json      / sp.log        benchmarks.bench_sp: SP=1 path vs plain fla, Triton correction vs PyTorch
 #   train_gpu.json   / train.log     benchmarks.bench_train --suite gpu-lengths: tokens/s over 2k..16k
+#                                    (TRAIN_ARGS=--grouped-gemm: grouped-GEMM experts; TRAIN_STEPS timed steps)
 #   suite.log                        environment, exit codes (124 = timed out), warm-up tails, summary
 #
 # Device tool (10-minute calls, 15 minutes of device time, the machine released after 30 s idle): one
@@ -114,7 +115,7 @@ warmup_start() {
     --cuda-rep-ms 5 --out "$WARM/sp.json"
   for mixer in gla gated_deltanet; do
     warm "train_$mixer" python3 -m benchmarks.bench_train --device cuda --suite gpu-lengths --layers 1 --lengths 2048 \
-      --tokens-per-step 4096 --mixers "$mixer" --warmup 1 --steps 1 --out "$WARM/train_$mixer.json"
+      --tokens-per-step 4096 --mixers "$mixer" --warmup 1 --steps 1 $TRAIN_ARGS --out "$WARM/train_$mixer.json"
   done
 }
 warmup_wait() {  # before a timed step: no other process on the GPU
@@ -137,14 +138,14 @@ for name in $SUITE_STEPS; do
     kernels) warmup_wait
              step kernels 120 python3 -m benchmarks.bench_kernels --device cuda --mode train --ops gla,delta_rule \
                --roles fla,fla_direct,sdpa --batch 4 --heads 8 --head-dim 128 --seq-lens 2048,4096,8192,16384 \
-               --repeats 3 --max-seconds 20 --out "$OUT/kernels_gpu.json" ;;
+               --repeats 3 --paired-repeats ${PAIRED_REPEATS:-7} --max-seconds 20 --out "$OUT/kernels_gpu.json" ;;
     sp) warmup_wait
         step sp 70 python3 -m benchmarks.bench_sp --device cuda --skip-comm --batch 4 --heads 8 --head-dim 128 \
           --seq-lens 4096,16384 --out "$OUT/sp_gpu.json" ;;
     train) warmup_wait
            step train 170 python3 -m benchmarks.bench_train --device cuda --suite gpu-lengths --layers 4 \
              --lengths 2048,4096,8192,16384 --tokens-per-step 32768 --mixers gla,softmax,gated_deltanet \
-             --warmup 2 --steps 3 --budget-s 140 --out "$OUT/train_gpu.json" ;;
+             --warmup 2 --steps ${TRAIN_STEPS:-3} --budget-s 140 $TRAIN_ARGS --out "$OUT/train_gpu.json" ;;
     *) log "== $name: unknown step (known: warmup gpu_tests kernels sp train)" ;;
   esac
 done

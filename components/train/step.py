@@ -98,9 +98,14 @@ class TrainingModel:
     # ------------------------------------------------------------------ internals
     def _schedule(self, batches, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
         from linear_moe.model.megatron import lm_forward_step
 
+        # megatron keeps the MoE aux-loss gradient scale in a class attribute, which the schedule
+        # copy_()s a (1,) tensor into; a backward outside a schedule (another model's, an evaluation's)
+        # leaves a 0-d one there that the copy cannot broadcast into. The schedule sets it afresh.
+        MoEAuxLossAutoScaler.main_loss_backward_scale = None
         batches = [{key: value.to(self.device, non_blocking=True) for key, value in batch.items()} for batch in batches]
         return get_forward_backward_func()(
             forward_step_func=lm_forward_step, data_iterator=iter(batches), model=self.chunks,

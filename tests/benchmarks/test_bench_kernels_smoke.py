@@ -64,3 +64,38 @@ def test_roles_select_the_cases_that_run(tmp_path):
     assert {r["case"] for r in payload["results"]} == {"chunk_scalar", "chunk_diagonal", "chunk_plain", "chunk_gated"}
     with pytest.raises(SystemExit):
         bench.parse_args([*TINY, "--roles", "chunk,flash", "--out", str(tmp_path / "unused.json")])
+
+
+def test_paired_rounds_alternate_and_feed_the_overhead_criterion(tmp_path, monkeypatch):
+    """run_paired on two CPU cases (the pairing is role-agnostic; on CUDA it pairs fla with fla_direct):
+    every round times both, in alternating order, and the summary's criterion reads the paired ratios."""
+    args = bench.parse_args([*TINY, "--paired-repeats", "3", "--out", "unused.json"])
+    spec = bench.OPS["gla"]()
+    chunk, naive = (next(c for c in spec.cases if c.name == name) for name in ("chunk_scalar", "naive_scalar"))
+    order = []
+    monkeypatch.setattr(bench, "_timed", lambda build, inputs, a: build)
+    monkeypatch.setattr(bench, "time_call",
+                        lambda thunk, a: (order.append(thunk.tag) or (2.0 if thunk.tag == "c" else 1.0), None, None))
+
+    def tagged(case, tag):
+        def build(inputs):
+            thunk = lambda: None  # noqa: E731
+            thunk.tag = tag
+            return thunk
+        return bench.Case(case.name, case.role, case.variant, build)
+
+    rows = bench.run_paired("gla", spec, tagged(chunk, "c"), tagged(naive, "n"), args)
+    assert [r["T"] for r in rows] == [32, 64]
+    assert order[:8] == ["c", "n", "c", "n", "n", "c", "c", "n"]  # warm-ups, then rounds with the order swapped
+    for row in rows:
+        assert len(row["first_times_s"]) == len(row["second_times_s"]) == 3
+        assert row["ratio_of_medians"] == row["median_of_round_ratios"] == 2.0
+    # the summary on CUDA: the overhead criterion holds only if every paired length is within 5%
+    args.device = "cuda"
+    separate = [{"op": "gla", "role": role, "variant": "scalar", "T": T, "median_s": 1.0}
+                for role in ("fla", "fla_direct") for T in (32, 64)]
+    for ratio, meets in ((2.0, False), (1.01, True)):
+        pairs = [dict(r, ratio_of_medians=ratio) for r in rows]
+        summary = bench.summarise(separate, args, pairs)["gla/scalar"]
+        assert summary["fla_dispatch_over_direct_paired"] == {32: ratio, 64: ratio}
+        assert summary["meets_dispatch_overhead_le_5pct"] is meets

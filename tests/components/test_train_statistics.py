@@ -4,6 +4,8 @@
   megatron's routers and loss tracker) against the single-device Hugging Face model on the same
   weights and tokens, whose routers are checked against a per-token loop in tests/model/test_moe.py:
   relative error 1e-6 (loads: exact fractions of integer counts);
+* a step after a backward outside the schedule (which leaves megatron's aux-loss scale 0-d) against
+  the same step in a clean state: equal losses;
 * ``masked_mean_loss`` against ``sum(loss * mask) / sum(mask)``;
 * ``causal_lm_loss`` over packed documents against cross entropy per document, token-weighted, and
   ``loss = lm_loss + aux_loss``.
@@ -17,6 +19,36 @@ import torch.nn.functional as F
 from linear_moe.kernels.testing import assert_rel_close
 
 MODEL = dict(layer_pattern="LA", num_layers=2, lsm_mixer="gla", moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3)
+
+
+@pytest.mark.distributed
+@pytest.mark.xdist_group("dist")
+def test_a_backward_outside_the_schedule_does_not_break_the_next_step():
+    """Seen on an H200, where a grouped-GEMM test's plain backward ran before a training test in one
+    worker: megatron's schedule failed with "output with shape [] doesn't match the broadcast shape [1]"."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from linear_moe.components.train import TrainConfig
+    from linear_moe.components.train.data import random_batches
+    from linear_moe.components.train.distributed import world_of_one
+    from linear_moe.components.train.optim import build_optimizer
+    from linear_moe.components.train.step import TrainingModel
+
+    config = TrainConfig(preset="tiny", model_overrides=MODEL, lr=1e-3, min_lr=1e-3, seq_length=32,
+                         micro_batch_size=2, global_batch_size=2, seed=0)
+    (batch,) = random_batches(1, batch_size=2, seq_length=32, vocab_size=config.model_config().vocab_size,
+                              generator=torch.Generator().manual_seed(0))
+    losses = []
+    with world_of_one():
+        for leave_a_0d_scale in (False, True):
+            if leave_a_0d_scale:  # what the first backward through a MoE layer outside a schedule does
+                MoEAuxLossAutoScaler.main_loss_backward_scale = None
+                x = torch.zeros(2, requires_grad=True)
+                MoEAuxLossAutoScaler.apply(x, torch.zeros((), requires_grad=True)).sum().backward()
+                assert MoEAuxLossAutoScaler.main_loss_backward_scale.shape == ()
+            model = TrainingModel.from_config(config)
+            losses.append(model.train_step([batch], build_optimizer(model.chunks, config))[0])
+    assert losses[1] == losses[0]
 
 
 @pytest.mark.distributed
