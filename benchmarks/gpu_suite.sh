@@ -30,7 +30,9 @@
 # SUITE_DEADLINE_S, and one failure does not stop the others (set +e); every benchmark rewrites its JSON
 # after each case, so a step cut short keeps its figures.
 # Measured on an H200 (2026-11-26): with a cold Triton cache every step of the first version ran out of
-# its time in fla's first compilations and autotuning (fla 0.6.0, Triton 3.6), hence the warm-up.
+# its time in fla's first compilations and autotuning (fla 0.6.0, Triton 3.6), hence the warm-up. With it,
+# on an H200: the warm-up's runs took 35 to 52 s side by side, the whole suite 262 s
+# (benchmarks/results/gpu/README.md).
 # TRITON_CACHE_AUTOTUNING=1 lets later steps reuse earlier tuning, and LINEAR_MOE_AUTOTUNE_CONFIGS=1 (the
 # default here) skips the tuning.
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD

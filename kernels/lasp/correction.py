@@ -73,18 +73,39 @@ def _triton_forward(o, q, gcum, s, scale):
     return out
 
 
+#: backward tiles: T rows per step, and K rows of S per program (S's and dS's (BK, V) tiles stay in registers)
+_BT_BWD, _BK_BWD = 64, 32
+
+
+def _programs_wanted(device: torch.device) -> int:
+    """About four programs per multiprocessor; 16 under the interpreter (so small test shapes split T too)."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 16
+
+
 def _triton_backward(d_out, q, gcum, s, scale):
+    """Grid (K blocks, T splits, B * H); the T splits' partial dS are summed here (deterministic).
+
+    A first version ran one program per (b, h) looping over all of T with a (K, V) tile of S and of dS
+    in registers: on an H200 (B=4, H=8, K=V=128) its forward+backward took 3x PyTorch autograd's.
+    """
     B, T, H, K = q.shape
     V = d_out.shape[-1]
+    BK = min(_BK_BWD, block(K))
+    n_k, n_t = triton.cdiv(K, BK), triton.cdiv(T, _BT_BWD)
+    splits = max(1, min(n_t, triton.cdiv(_programs_wanted(q.device), n_k * B * H)))
+    t_split = triton.cdiv(n_t, splits) * _BT_BWD  # whole BT steps, so no step crosses two splits
+    splits = triton.cdiv(T, t_split)
     d_q = torch.empty(q.shape, device=q.device, dtype=torch.float32)
     d_g = torch.empty_like(d_q)
-    d_s = torch.empty(s.shape, device=s.device, dtype=torch.float32)
+    d_s_parts = torch.empty((splits, B * H, K, V), device=s.device, dtype=torch.float32)
     g = q if gcum is None else gcum.contiguous()
-    _correction_bwd_kernel[(B * H,)](
-        d_out.contiguous(), q.contiguous(), g, s.contiguous(), d_q, d_g, d_s, T, H, scale,
-        K=K, V=V, BT=_BT, BK=block(K), BV=block(V), HAS_G=gcum is not None,
+    _correction_bwd_kernel[(n_k, splits, B * H)](
+        d_out.contiguous(), q.contiguous(), g, s.contiguous(), d_q, d_g, d_s_parts, T, H, scale, t_split,
+        K=K, V=V, BT=_BT_BWD, BK=BK, BV=block(V), HAS_G=gcum is not None,
     )
-    return d_q, d_g, d_s
+    return d_q, d_g, d_s_parts.sum(0).view(B, H, K, V)
 
 
 @triton.jit
@@ -110,17 +131,20 @@ def _correction_fwd_kernel(o, q, g, s, out, T, H, scale, K: tl.constexpr, V: tl.
 
 
 @triton.jit
-def _correction_bwd_kernel(d_out, q, g, s, d_q, d_g, d_s, T, H, scale, K: tl.constexpr, V: tl.constexpr,
-                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr):
-    """Grid (B * H,): per T block d_qd = scale * dO S^T; accumulate dS = scale * sum (q * exp(g))^T dO."""
-    i_bh = tl.program_id(0).to(tl.int64)
+def _correction_bwd_kernel(d_out, q, g, s, d_q, d_g, d_s_parts, T, H, scale, T_SPLIT, K: tl.constexpr,
+                           V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr):
+    """Grid (K blocks, T splits, B * H). For its BK rows of S and its T range [i_s * T_SPLIT, + T_SPLIT):
+    d_qd = scale * dO S^T per BT step (stored as dq = d_qd * exp(g), dg = d_qd * q * exp(g)), and the
+    partial dS = scale * sum_t (q * exp(g))^T dO over the range, stored in d_s_parts[i_s, b * H + h]."""
+    i_k, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
-    rk, rv = tl.arange(0, BK), tl.arange(0, BV)
+    rk, rv = i_k * BK + tl.arange(0, BK), tl.arange(0, BV)
     m_kv = (rk[:, None] < K) & (rv[None, :] < V)
     s_kv = tl.load(s + i_bh * K * V + rk[:, None] * V + rv[None, :], mask=m_kv, other=0.0).to(tl.float32)
     d_s_kv = tl.zeros([BK, BV], dtype=tl.float32)
-    for i_t in range(0, tl.cdiv(T, BT)):
-        rt = i_t * BT + tl.arange(0, BT)
+    t_start = i_s * T_SPLIT
+    for t0 in range(t_start, tl.minimum(t_start + T_SPLIT, T), BT):
+        rt = t0 + tl.arange(0, BT)
         tk = ((i_b * T + rt[:, None]) * H + i_h) * K + rk[None, :]
         tv = ((i_b * T + rt[:, None]) * H + i_h) * V + rv[None, :]
         m_tk = (rt[:, None] < T) & (rk[None, :] < K)
@@ -135,7 +159,8 @@ def _correction_bwd_kernel(d_out, q, g, s, d_q, d_g, d_s, T, H, scale, K: tl.con
         tl.store(d_q + tk, d_qd * decay, mask=m_tk)
         tl.store(d_g + tk, d_qd * qd, mask=m_tk)
         d_s_kv += scale * tl.dot(tl.trans(qd), do, input_precision="ieee")
-    tl.store(d_s + i_bh * K * V + rk[:, None] * V + rv[None, :], d_s_kv, mask=m_kv)
+    parts = (i_s * tl.num_programs(2) + i_bh) * K * V
+    tl.store(d_s_parts + parts + rk[:, None] * V + rv[None, :], d_s_kv, mask=m_kv)
 
 
 _FORWARD = {"torch": naive_state_correction, "triton": _triton_forward}

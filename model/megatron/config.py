@@ -46,7 +46,7 @@ def transformer_config(
     fp32 on CPU, bf16 on GPU unless ``params_dtype`` says otherwise. ``moe_grouped_gemm`` picks
     megatron's grouped-GEMM experts (``GroupedMLP``) over the per-expert ``SequentialMLP``; both have
     the same full state dict, init and HF export. It is opt-in (``TrainConfig.moe_grouped_gemm``): it
-    matches ``SequentialMLP`` on CPU, but has not yet been run on a GPU. GroupedMLP needs ``bf16=True`` (megatron asserts it in the
+    matches ``SequentialMLP`` on CPU, and on an H200 in bf16 (README, Known limits). GroupedMLP needs ``bf16=True`` (megatron asserts it in the
     forward); CPU tests pass ``bf16=True`` as an override with fp32 ``params_dtype``.
     Capacity dropping keeps each expert's highest-weight assignments ("probs"), as the single-device
     ``model/moe`` does, so trained and exported models drop the same tokens. (megatron's "position"

@@ -3,6 +3,8 @@
 References: a run of the recurrence from the incoming state (the correction's meaning), autograd
 through the PyTorch expression, and (slow, Triton interpreter) the PyTorch reference.
 """
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -80,9 +82,20 @@ def _check_triton_correction(device="cpu", shape=(2, 20, 2, 6, 10)):
                      state_correction(o_strided, *args, 0.5, backend="triton"), 1e-5)
 
 
+def _check_triton_correction_in_k_blocks_and_t_splits():
+    """K = 40: two K blocks of 32 rows (the second masked); T = 150: three T splits of 64 (the last partial)."""
+    from linear_moe.kernels.lasp import correction
+
+    B, T, H, K, V = 1, 150, 2, 40, 10
+    BK = min(correction._BK_BWD, correction.block(K))
+    assert (math.ceil(K / BK), math.ceil(T / correction._BT_BWD)) == (2, 3)
+    _check_triton_correction("cpu", (B, T, H, K, V))
+
+
 @pytest.mark.slow
-def test_triton_correction_matches_torch():
-    run_interpreted(__file__, "_check_triton_correction")
+@pytest.mark.parametrize("check", ["_check_triton_correction", "_check_triton_correction_in_k_blocks_and_t_splits"])
+def test_triton_correction_matches_torch(check):
+    run_interpreted(__file__, check)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiled Triton)")
