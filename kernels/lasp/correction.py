@@ -73,8 +73,9 @@ def _triton_forward(o, q, gcum, s, scale):
     return out
 
 
-#: backward tiles: T rows per step, and K rows of S per program (S's and dS's (BK, V) tiles stay in registers)
-_BT_BWD, _BK_BWD = 64, 32
+#: the dq kernel's (T, K) tile; the dS kernel's T rows per step and the (K, V) block each program sums
+_BT_DQ, _BK_DQ = 16, 32
+_BT_DS, _BK_DS, _BV_DS = 32, 64, 64
 
 
 def _programs_wanted(device: torch.device) -> int:
@@ -85,25 +86,32 @@ def _programs_wanted(device: torch.device) -> int:
 
 
 def _triton_backward(d_out, q, gcum, s, scale):
-    """Grid (K blocks, T splits, B * H); the T splits' partial dS are summed here (deterministic).
+    """Two kernels: dq and dgcum per (K block, T block, b, h); dS as a split-T GEMM over
+    (K block, V block, T split, b, h), whose partial sums are added here (deterministic).
 
-    A first version ran one program per (b, h) looping over all of T with a (K, V) tile of S and of dS
-    in registers: on an H200 (B=4, H=8, K=V=128) its forward+backward took 3x PyTorch autograd's.
+    A first version ran one program per (b, h) over all of T, doing both: on an H200 (B=4, H=8,
+    K=V=128, T=4096) its forward+backward took 3x PyTorch autograd's, and ptxas spills its loop.
     """
     B, T, H, K = q.shape
     V = d_out.shape[-1]
-    BK = min(_BK_BWD, block(K))
-    n_k, n_t = triton.cdiv(K, BK), triton.cdiv(T, _BT_BWD)
-    splits = max(1, min(n_t, triton.cdiv(_programs_wanted(q.device), n_k * B * H)))
-    t_split = triton.cdiv(n_t, splits) * _BT_BWD  # whole BT steps, so no step crosses two splits
-    splits = triton.cdiv(T, t_split)
+    d_out, q, s = d_out.contiguous(), q.contiguous(), s.contiguous()
+    g = q if gcum is None else gcum.contiguous()  # unused pointer when HAS_G is False
     d_q = torch.empty(q.shape, device=q.device, dtype=torch.float32)
     d_g = torch.empty_like(d_q)
+    BK = min(_BK_DQ, block(K))
+    _correction_bwd_dq_kernel[(triton.cdiv(K, BK), triton.cdiv(T, _BT_DQ), B * H)](
+        d_out, q, g, s, d_q, d_g, T, H, scale, K=K, V=V, BT=_BT_DQ, BK=BK, BV=block(V), HAS_G=gcum is not None,
+    )
+    BK, BV = min(_BK_DS, block(K)), min(_BV_DS, block(V))
+    tiles = triton.cdiv(K, BK) * triton.cdiv(V, BV) * B * H
+    n_t = triton.cdiv(T, _BT_DS)
+    splits = max(1, min(n_t, triton.cdiv(_programs_wanted(q.device), tiles)))
+    t_split = triton.cdiv(n_t, splits) * _BT_DS  # whole steps, so no step crosses two splits
+    splits = triton.cdiv(T, t_split)
     d_s_parts = torch.empty((splits, B * H, K, V), device=s.device, dtype=torch.float32)
-    g = q if gcum is None else gcum.contiguous()
-    _correction_bwd_kernel[(n_k, splits, B * H)](
-        d_out.contiguous(), q.contiguous(), g, s.contiguous(), d_q, d_g, d_s_parts, T, H, scale, t_split,
-        K=K, V=V, BT=_BT_BWD, BK=BK, BV=block(V), HAS_G=gcum is not None,
+    _correction_bwd_ds_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV), splits, B * H)](
+        d_out, q, g, d_s_parts, T, H, scale, t_split,
+        K=K, V=V, BT=_BT_DS, BK=BK, BV=BV, HAS_G=gcum is not None,
     )
     return d_q, d_g, d_s_parts.sum(0).view(B, H, K, V)
 
@@ -131,36 +139,55 @@ def _correction_fwd_kernel(o, q, g, s, out, T, H, scale, K: tl.constexpr, V: tl.
 
 
 @triton.jit
-def _correction_bwd_kernel(d_out, q, g, s, d_q, d_g, d_s_parts, T, H, scale, T_SPLIT, K: tl.constexpr,
-                           V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr):
-    """Grid (K blocks, T splits, B * H). For its BK rows of S and its T range [i_s * T_SPLIT, + T_SPLIT):
-    d_qd = scale * dO S^T per BT step (stored as dq = d_qd * exp(g), dg = d_qd * q * exp(g)), and the
-    partial dS = scale * sum_t (q * exp(g))^T dO over the range, stored in d_s_parts[i_s, b * H + h]."""
-    i_k, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+def _correction_bwd_dq_kernel(d_out, q, g, s, d_q, d_g, T, H, scale, K: tl.constexpr, V: tl.constexpr,
+                              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr):
+    """Grid (K blocks, T blocks, B * H): d_qd = scale * dO S^T for one (BT, BK) tile; dq = d_qd * exp(g)
+    and dg = d_qd * q * exp(g)."""
+    i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
+    rt = i_t * BT + tl.arange(0, BT)
     rk, rv = i_k * BK + tl.arange(0, BK), tl.arange(0, BV)
-    m_kv = (rk[:, None] < K) & (rv[None, :] < V)
-    s_kv = tl.load(s + i_bh * K * V + rk[:, None] * V + rv[None, :], mask=m_kv, other=0.0).to(tl.float32)
-    d_s_kv = tl.zeros([BK, BV], dtype=tl.float32)
+    tk = ((i_b * T + rt[:, None]) * H + i_h) * K + rk[None, :]
+    tv = ((i_b * T + rt[:, None]) * H + i_h) * V + rv[None, :]
+    m_tk = (rt[:, None] < T) & (rk[None, :] < K)
+    # S^T's (V, BK) block, loaded transposed: a transpose in registers makes ptxas spill at K = V = 128
+    s_vk = tl.load(s + i_bh * K * V + rk[None, :] * V + rv[:, None], mask=(rv[:, None] < V) & (rk[None, :] < K),
+                   other=0.0).to(tl.float32)
+    do = tl.load(d_out + tv, mask=(rt[:, None] < T) & (rv[None, :] < V), other=0.0).to(tl.float32)
+    d_qd = scale * tl.dot(do, s_vk, input_precision="ieee")
+    b_q = tl.load(q + tk, mask=m_tk, other=0.0).to(tl.float32)
+    if HAS_G:
+        decay = tl.exp(tl.load(g + tk, mask=m_tk, other=0.0).to(tl.float32))
+        tl.store(d_q + tk, d_qd * decay, mask=m_tk)
+        tl.store(d_g + tk, d_qd * b_q * decay, mask=m_tk)
+    else:
+        tl.store(d_q + tk, d_qd, mask=m_tk)
+        tl.store(d_g + tk, d_qd * b_q, mask=m_tk)
+
+
+@triton.jit
+def _correction_bwd_ds_kernel(d_out, q, g, d_s_parts, T, H, scale, T_SPLIT, K: tl.constexpr, V: tl.constexpr,
+                              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr):
+    """Grid ((K blocks) x (V blocks), T splits, B * H): the partial dS = scale * sum_t (q * exp(g))^T dO
+    of one (BK, BV) block over the split's rows [i_s * T_SPLIT, + T_SPLIT), into d_s_parts[i_s, b * H + h]."""
+    i_kv, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    n_v = tl.cdiv(V, BV)
+    rk, rv = (i_kv // n_v) * BK + tl.arange(0, BK), (i_kv % n_v) * BV + tl.arange(0, BV)
+    acc = tl.zeros([BK, BV], dtype=tl.float32)
     t_start = i_s * T_SPLIT
     for t0 in range(t_start, tl.minimum(t_start + T_SPLIT, T), BT):
         rt = t0 + tl.arange(0, BT)
-        tk = ((i_b * T + rt[:, None]) * H + i_h) * K + rk[None, :]
+        kt = ((i_b * T + rt[None, :]) * H + i_h) * K + rk[:, None]  # (q * exp(g))^T loaded as a (K, T) tile
         tv = ((i_b * T + rt[:, None]) * H + i_h) * V + rv[None, :]
-        m_tk = (rt[:, None] < T) & (rk[None, :] < K)
-        m_tv = (rt[:, None] < T) & (rv[None, :] < V)
-        do = tl.load(d_out + tv, mask=m_tv, other=0.0).to(tl.float32)
-        b_q = tl.load(q + tk, mask=m_tk, other=0.0).to(tl.float32)
-        decay = tl.full([BT, BK], 1.0, dtype=tl.float32)
+        m_kt = (rk[:, None] < K) & (rt[None, :] < T)
+        qd_kt = tl.load(q + kt, mask=m_kt, other=0.0).to(tl.float32)
         if HAS_G:
-            decay = tl.exp(tl.load(g + tk, mask=m_tk, other=0.0).to(tl.float32))
-        qd = b_q * decay
-        d_qd = scale * tl.dot(do, tl.trans(s_kv), input_precision="ieee")
-        tl.store(d_q + tk, d_qd * decay, mask=m_tk)
-        tl.store(d_g + tk, d_qd * qd, mask=m_tk)
-        d_s_kv += scale * tl.dot(tl.trans(qd), do, input_precision="ieee")
+            qd_kt = qd_kt * tl.exp(tl.load(g + kt, mask=m_kt, other=0.0).to(tl.float32))
+        do = tl.load(d_out + tv, mask=(rt[:, None] < T) & (rv[None, :] < V), other=0.0).to(tl.float32)
+        acc += tl.dot(qd_kt, do, input_precision="ieee")
     parts = (i_s * tl.num_programs(2) + i_bh) * K * V
-    tl.store(d_s_parts + parts + rk[:, None] * V + rv[None, :], d_s_kv, mask=m_kv)
+    tl.store(d_s_parts + parts + rk[:, None] * V + rv[None, :], scale * acc, mask=(rk[:, None] < K) & (rv[None, :] < V))
 
 
 _FORWARD = {"torch": naive_state_correction, "triton": _triton_forward}

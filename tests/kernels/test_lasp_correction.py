@@ -83,12 +83,12 @@ def _check_triton_correction(device="cpu", shape=(2, 20, 2, 6, 10)):
 
 
 def _check_triton_correction_in_k_blocks_and_t_splits():
-    """K = 40: two K blocks of 32 rows (the second masked); T = 150: three T splits of 64 (the last partial)."""
+    """K = 80, V = 72: two K and two V blocks of dS (the second ones masked); T = 150: three T splits."""
     from linear_moe.kernels.lasp import correction
 
-    B, T, H, K, V = 1, 150, 2, 40, 10
-    BK = min(correction._BK_BWD, correction.block(K))
-    assert (math.ceil(K / BK), math.ceil(T / correction._BT_BWD)) == (2, 3)
+    B, T, H, K, V = 1, 150, 2, 80, 72
+    assert (math.ceil(K / correction._BK_DS), math.ceil(V / correction._BV_DS)) == (2, 2)
+    assert math.ceil(T / correction._BT_DS) >= 3
     _check_triton_correction("cpu", (B, T, H, K, V))
 
 
