@@ -57,7 +57,8 @@ def _torch_backward(d_out, q, gcum, s, scale):
 
 
 # ------------------------------------------------------------------------------------ Triton
-_BT = 16
+#: the forward's (T, V) tile (S's (K, BV) block stays in registers)
+_BT, _BV_FWD = 16, 64
 
 
 def _triton_forward(o, q, gcum, s, scale):
@@ -66,9 +67,10 @@ def _triton_forward(o, q, gcum, s, scale):
     o = o.contiguous()  # the kernel addresses (B, T, H, V) row-major; chunked cores return strided views
     out = torch.empty_like(o)
     g = q if gcum is None else gcum.contiguous()  # unused pointer when HAS_G is False
-    _correction_fwd_kernel[(triton.cdiv(T, _BT), B * H)](
+    BV = min(_BV_FWD, block(V))
+    _correction_fwd_kernel[(triton.cdiv(T, _BT), triton.cdiv(V, BV), B * H)](
         o, q.contiguous(), g, s.contiguous(), out, T, H, scale,
-        K=K, V=V, BT=_BT, BK=block(K), BV=block(V), HAS_G=gcum is not None,
+        K=K, V=V, BT=_BT, BK=block(K), BV=BV, HAS_G=gcum is not None,
     )
     return out
 
@@ -119,11 +121,11 @@ def _triton_backward(d_out, q, gcum, s, scale):
 @triton.jit
 def _correction_fwd_kernel(o, q, g, s, out, T, H, scale, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                            BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr):
-    """Grid (T blocks, B * H): out = o + scale * (q * exp(g)) @ S for one (BT, V) tile."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64 offsets: B*T*H*K may pass 2^31
+    """Grid (T blocks, V blocks, B * H): out = o + scale * (q * exp(g)) @ S for one (BT, BV) tile."""
+    i_t, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # int64: B*T*H*K may pass 2^31
     i_b, i_h = i_bh // H, i_bh % H
     rt = i_t * BT + tl.arange(0, BT)
-    rk, rv = tl.arange(0, BK), tl.arange(0, BV)
+    rk, rv = tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
     tk = ((i_b * T + rt[:, None]) * H + i_h) * K + rk[None, :]
     tv = ((i_b * T + rt[:, None]) * H + i_h) * V + rv[None, :]
     m_tk = (rt[:, None] < T) & (rk[None, :] < K)
