@@ -478,8 +478,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for case in selected:
             rows += run_case(op, case, spec, args)
             write(complete=False)  # a run cut short keeps what it measured
-        by_role = {(c.role, c.variant): c for c in selected}
         if args.paired_repeats > 0:
+            by_role = {(c.role, c.variant): c for c in selected}
             for (role, variant), case in by_role.items():
                 if role == "fla" and ("fla_direct", variant) in by_role:
                     paired += run_paired(op, spec, case, by_role["fla_direct", variant], args)

@@ -81,10 +81,19 @@ _BT_DS, _BK_DS, _BV_DS = 32, 64, 64
 
 
 def _programs_wanted(device: torch.device) -> int:
-    """About four programs per multiprocessor; 16 under the interpreter (so small test shapes split T too)."""
+    """About four programs per multiprocessor; 32 under the interpreter (so small test shapes split T too)."""
     if device.type == "cuda":
         return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 16
+    return 32
+
+
+def t_splits(T: int, tiles: int, device: torch.device) -> tuple[int, int]:
+    """``(splits, rows per split)`` of the dS kernel: enough T splits that ``tiles`` x splits programs fill
+    the device, each split a whole number of ``_BT_DS`` steps (so no step crosses two splits)."""
+    steps = triton.cdiv(T, _BT_DS)
+    wanted = max(1, min(steps, triton.cdiv(_programs_wanted(device), tiles)))
+    rows = triton.cdiv(steps, wanted) * _BT_DS
+    return triton.cdiv(T, rows), rows
 
 
 def _triton_backward(d_out, q, gcum, s, scale):
@@ -100,20 +109,17 @@ def _triton_backward(d_out, q, gcum, s, scale):
     g = q if gcum is None else gcum.contiguous()  # unused pointer when HAS_G is False
     d_q = torch.empty(q.shape, device=q.device, dtype=torch.float32)
     d_g = torch.empty_like(d_q)
-    BK = min(_BK_DQ, block(K))
-    _correction_bwd_dq_kernel[(triton.cdiv(K, BK), triton.cdiv(T, _BT_DQ), B * H)](
-        d_out, q, g, s, d_q, d_g, T, H, scale, K=K, V=V, BT=_BT_DQ, BK=BK, BV=block(V), HAS_G=gcum is not None,
+    bk_dq = min(_BK_DQ, block(K))
+    _correction_bwd_dq_kernel[(triton.cdiv(K, bk_dq), triton.cdiv(T, _BT_DQ), B * H)](
+        d_out, q, g, s, d_q, d_g, T, H, scale, K=K, V=V, BT=_BT_DQ, BK=bk_dq, BV=block(V), HAS_G=gcum is not None,
     )
-    BK, BV = min(_BK_DS, block(K)), min(_BV_DS, block(V))
-    tiles = triton.cdiv(K, BK) * triton.cdiv(V, BV) * B * H
-    n_t = triton.cdiv(T, _BT_DS)
-    splits = max(1, min(n_t, triton.cdiv(_programs_wanted(q.device), tiles)))
-    t_split = triton.cdiv(n_t, splits) * _BT_DS  # whole steps, so no step crosses two splits
-    splits = triton.cdiv(T, t_split)
+    bk_ds, bv_ds = min(_BK_DS, block(K)), min(_BV_DS, block(V))
+    kv_blocks = triton.cdiv(K, bk_ds) * triton.cdiv(V, bv_ds)
+    splits, t_split = t_splits(T, kv_blocks * B * H, q.device)
     d_s_parts = torch.empty((splits, B * H, K, V), device=s.device, dtype=torch.float32)
-    _correction_bwd_ds_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV), splits, B * H)](
+    _correction_bwd_ds_kernel[(kv_blocks, splits, B * H)](
         d_out, q, g, d_s_parts, T, H, scale, t_split,
-        K=K, V=V, BT=_BT_DS, BK=BK, BV=BV, HAS_G=gcum is not None,
+        K=K, V=V, BT=_BT_DS, BK=bk_ds, BV=bv_ds, HAS_G=gcum is not None,
     )
     return d_q, d_g, d_s_parts.sum(0).view(B, H, K, V)
 

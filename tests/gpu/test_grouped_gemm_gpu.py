@@ -56,12 +56,11 @@ def test_grouped_mlp_in_bf16_is_as_accurate_as_sequential_mlp(monkeypatch):
     from linear_moe.model.megatron.gpt import build_gpt_model
     from linear_moe.model.megatron.state_dict import RankCoords, gather_full_state_dict, shard_layout
     from linear_moe.kernels.testing import rel_error
+    from megatron.core.transformer.moe.router import TopKRouter
 
     fast_calls = []
     fast = grouped_gemm.torch_grouped_mm_gmm
     monkeypatch.setattr(grouped_gemm, "torch_grouped_mm_gmm", lambda *args: fast_calls.append(1) or fast(*args))
-    from megatron.core.transformer.moe.router import TopKRouter
-
     # MoE in the first layer only: both bf16 builds then route from bit-identical inputs. With a second MoE
     # layer, the builds' rounding differences upstream flipped a near-tied token between two experts on an
     # H200, and those two experts' gradients, the router's and the norm's were 7e-2 to 0.13 off.

@@ -83,12 +83,16 @@ def _check_triton_correction(device="cpu", shape=(2, 20, 2, 6, 10)):
 
 
 def _check_triton_correction_in_k_blocks_and_t_splits():
-    """K = 80, V = 72: two K and two V blocks of dS (the second ones masked); T = 150: three T splits."""
+    """K = 80, V = 72: three K blocks of dq, two K and two V blocks of dS (the last ones masked);
+    T = 150: three T splits of dS (the last one partial)."""
     from linear_moe.kernels.lasp import correction
 
     B, T, H, K, V = 1, 150, 2, 80, 72
-    assert (math.ceil(K / correction._BK_DS), math.ceil(V / correction._BV_DS)) == (2, 2)
-    assert math.ceil(T / correction._BT_DS) >= 3
+    assert math.ceil(K / correction._BK_DQ) == 3
+    kv_blocks = math.ceil(K / correction._BK_DS) * math.ceil(V / correction._BV_DS)
+    assert kv_blocks == 4
+    splits, rows = correction.t_splits(T, kv_blocks * B * H, torch.device("cpu"))
+    assert splits == 3 and 2 * rows < T
     _check_triton_correction("cpu", (B, T, H, K, V))
 
 
