@@ -20,6 +20,8 @@
 #   gpu_tests.log                    the CUDA-only tests, with each compiled-fla case's relative errors
 #   kernels_gpu.json / kernels.log   benchmarks.bench_kernels: forward+backward, bf16, B=4 H=8 D=128 (the
 #                                    A0.3B-2B head shape): our dispatch vs fla called directly vs SDPA
+#   lasp_tiles_gpu.json / tiles.log  benchmarks.bench_lasp_tiles (step "tiles", not in the default list; TILES_ARGS): the
+#                                    state-correction kernels' tile candidates, forward and backward vs PyTorch
 #   sp_gpu.json      / sp.log        benchmarks.bench_sp: SP=1 path vs plain fla, Triton correction vs PyTorch
 #   train_gpu.json   / train.log     benchmarks.bench_train --suite gpu-lengths: tokens/s over 2k..16k
 #                                    (TRAIN_ARGS=--grouped-gemm: grouped-GEMM experts; TRAIN_STEPS timed steps)
@@ -141,6 +143,8 @@ for name in $SUITE_STEPS; do
              step kernels 120 python3 -m benchmarks.bench_kernels --device cuda --mode train --ops gla,delta_rule \
                --roles fla,fla_direct,sdpa --batch 4 --heads 8 --head-dim 128 --seq-lens 2048,4096,8192,16384 \
                --repeats 3 --paired-repeats ${PAIRED_REPEATS:-7} --max-seconds 20 --out "$OUT/kernels_gpu.json" ;;
+    tiles) warmup_wait
+           step tiles 250 python3 -m benchmarks.bench_lasp_tiles --device cuda $TILES_ARGS --out "$OUT/lasp_tiles_gpu.json" ;;
     sp) warmup_wait
         step sp 70 python3 -m benchmarks.bench_sp --device cuda --skip-comm --batch 4 --heads 8 --head-dim 128 \
           --seq-lens 4096,16384 --out "$OUT/sp_gpu.json" ;;
@@ -148,7 +152,7 @@ for name in $SUITE_STEPS; do
            step train 170 python3 -m benchmarks.bench_train --device cuda --suite gpu-lengths --layers 4 \
              --lengths 2048,4096,8192,16384 --tokens-per-step 32768 --mixers gla,softmax,gated_deltanet \
              --warmup 2 --steps ${TRAIN_STEPS:-3} --budget-s 140 $TRAIN_ARGS --out "$OUT/train_gpu.json" ;;
-    *) log "== $name: unknown step (known: warmup gpu_tests kernels sp train)" ;;
+    *) log "== $name: unknown step (known: warmup gpu_tests kernels tiles sp train)" ;;
   esac
 done
 warmup_wait

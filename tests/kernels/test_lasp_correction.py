@@ -82,22 +82,37 @@ def _check_triton_correction(device="cpu", shape=(2, 20, 2, 6, 10)):
                      state_correction(o_strided, *args, 0.5, backend="triton"), 1e-5)
 
 
-def _check_triton_correction_in_k_blocks_and_t_splits():
-    """K = 80, V = 72: three K blocks of dq, two K and two V blocks of dS (the last ones masked);
-    T = 150: three T splits of dS (the last one partial)."""
+def _check_triton_correction_in_blocks_steps_and_t_splits():
+    """K = 80, V = 72, T = 150, so every loop and grid axis has several steps, the last one masked.
+
+    Default tiles, through autograd: 3 K steps of the forward; 2 K blocks and 3 T blocks of dq; 2 x 2
+    (K, V) blocks and 3 T splits of dS. Small tiles, kernels called directly: 3 V blocks of the forward,
+    3 V steps and 3 K blocks of dq, 3 x 3 blocks of dS in steps of 16 rows.
+    """
     from linear_moe.kernels.lasp import correction
 
     B, T, H, K, V = 1, 150, 2, 80, 72
-    assert math.ceil(K / correction._BK_DQ) == 3
-    kv_blocks = math.ceil(K / correction._BK_DS) * math.ceil(V / correction._BV_DS)
+    c = correction.launch_constexprs(K, V, has_g=True)
+    assert K / c["forward"]["BK"] > 2 and K / c["backward_dq"]["BK"] > 1 and T / c["backward_dq"]["BT"] > 2
+    kv_blocks = math.ceil(K / c["backward_ds"]["BK"]) * math.ceil(V / c["backward_ds"]["BV"])
     assert kv_blocks == 4
-    splits, rows = correction.t_splits(T, kv_blocks * B * H, torch.device("cpu"))
+    splits, rows = correction.t_splits(T, kv_blocks * B * H, torch.device("cpu"), c["backward_ds"]["BT"])
     assert splits == 3 and 2 * rows < T
     _check_triton_correction("cpu", (B, T, H, K, V))
 
+    small = correction.CorrectionTiles(fwd_bt=16, fwd_bv=32, fwd_bk=32, dq_bt=16, dq_bk=32, dq_bv=32, ds_bt=16,
+                                       ds_bk=32, ds_bv=32)
+    q, o, d_out = torch.randn(B, T, H, K), torch.randn(B, T, H, V), torch.randn(B, T, H, V)
+    gcum, s = F.logsigmoid(torch.randn(B, T, H, K)).cumsum(1), torch.randn(B, H, K, V)
+    assert_rel_close("small tiles: output", naive_state_correction(o, q, gcum, s, 0.5),
+                     correction._triton_forward(o, q, gcum, s, 0.5, small), 1e-5)
+    for name, ref, got in zip(("d_q", "d_gcum", "d_s"), correction._torch_backward(d_out, q, gcum, s, 0.5),
+                              correction._triton_backward(d_out, q, gcum, s, 0.5, small)):
+        assert_rel_close(f"small tiles: {name}", ref, got, 1e-5)
+
 
 @pytest.mark.slow
-@pytest.mark.parametrize("check", ["_check_triton_correction", "_check_triton_correction_in_k_blocks_and_t_splits"])
+@pytest.mark.parametrize("check", ["_check_triton_correction", "_check_triton_correction_in_blocks_steps_and_t_splits"])
 def test_triton_correction_matches_torch(check):
     run_interpreted(__file__, check)
 
