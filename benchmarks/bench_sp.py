@@ -19,7 +19,9 @@ all-gather or an all-to-all, the sum of its sends for the ring exchange).
 CUDA only (``--device cuda``, bf16 activations): ``sp1_overhead`` times forward+backward of plain
 fla ``chunk_gla``, the SP=1 path (``lasp2_gla`` without a group) and one rank's LASP-2 compute
 without communication (zero-state run + fused correction), with their ratios to plain fla;
-``correction`` times the Triton state correction against its PyTorch reference. Each CUDA figure is
+``correction`` times the Triton state correction against its PyTorch reference, and ``compose`` the
+Triton prefix and suffix compositions against theirs (per SP size in ``--world``, diagonal and delta-rule
+transitions). Each CUDA figure is
 ``triton.testing.do_bench``'s median over ``--cuda-rep-ms`` of calls. The JSON is written atomically
 (temp file, then ``os.replace``) after every section, so a run cut short keeps what it measured.
 """
@@ -213,6 +215,32 @@ def time_correction(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def time_compose(args: argparse.Namespace) -> list[dict]:
+    """Seconds of the Triton prefix composition (forward) and suffix composition (backward) vs PyTorch,
+    per SP size in ``--world``, for diagonal (decay) and (K, K) matrix (delta-rule) transitions."""
+    from linear_moe.kernels.lasp import prefix_compose_states, suffix_compose
+
+    N, H, D = args.batch, args.heads, args.head_dim
+    rows = []
+    for W in args.world:
+        for matrix in (False, True):
+            a = torch.randn(W, N, H, D, D, device="cuda") / D if matrix else torch.rand(W, N, H, D, device="cuda")
+            b, s0 = torch.randn(W, N, H, D, D, device="cuda"), torch.randn(N, H, D, D, device="cuda")
+            states = prefix_compose_states(a, b, s0, "torch")
+            d_states = torch.randn_like(states)
+            row = {"world": W, "transition": "matrix" if matrix else "diagonal"}
+            for backend in ("torch", "triton"):
+                row[f"{backend}_prefix_s"] = cuda_seconds(lambda: prefix_compose_states(a, b, s0, backend),
+                                                          args.cuda_rep_ms)
+                row[f"{backend}_suffix_s"] = cuda_seconds(lambda: suffix_compose(a, states, d_states, backend),
+                                                          args.cuda_rep_ms)
+            for op in ("prefix", "suffix"):
+                row[f"triton_over_torch_{op}"] = row[f"triton_{op}_s"] / row[f"torch_{op}_s"]
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+            rows.append(row)
+    return rows
+
+
 def measure_cuda(args: argparse.Namespace, result: dict) -> None:
     """Adds ``gpu``, ``sp1_overhead`` (the issue's first GPU figure) and ``correction`` to ``result``,
     writing it after each."""
@@ -223,6 +251,8 @@ def measure_cuda(args: argparse.Namespace, result: dict) -> None:
         result["sp1_overhead"] = f"skipped: {err}"
     atomic_write_json(args.out, result)
     result["correction"] = time_correction(args)
+    atomic_write_json(args.out, result)
+    result["compose"] = time_compose(args)
 
 
 # ---------------------------------------------------------------------------------- entry

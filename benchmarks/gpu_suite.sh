@@ -22,7 +22,8 @@
 #                                    A0.3B-2B head shape): our dispatch vs fla called directly vs SDPA
 #   lasp_tiles_gpu.json / tiles.log  benchmarks.bench_lasp_tiles (step "tiles", not in the default list; TILES_ARGS): the
 #                                    state-correction kernels' tile candidates, forward and backward vs PyTorch
-#   sp_gpu.json      / sp.log        benchmarks.bench_sp: SP=1 path vs plain fla, Triton correction vs PyTorch
+#   sp_gpu.json      / sp.log        benchmarks.bench_sp: SP=1 path vs plain fla, Triton correction and
+#                                    composition (W = 4, 8) vs PyTorch
 #   train_gpu.json   / train.log     benchmarks.bench_train --suite gpu-lengths: tokens/s over 2k..16k
 #                                    (TRAIN_ARGS=--grouped-gemm: grouped-GEMM experts; TRAIN_STEPS timed steps)
 #   suite.log                        environment, exit codes (124 = timed out), warm-up tails, summary
@@ -146,8 +147,8 @@ for name in $SUITE_STEPS; do
     tiles) warmup_wait
            step tiles 250 python3 -m benchmarks.bench_lasp_tiles --device cuda $TILES_ARGS --out "$OUT/lasp_tiles_gpu.json" ;;
     sp) warmup_wait
-        step sp 70 python3 -m benchmarks.bench_sp --device cuda --skip-comm --batch 4 --heads 8 --head-dim 128 \
-          --seq-lens 4096,16384 --out "$OUT/sp_gpu.json" ;;
+        step sp 90 python3 -m benchmarks.bench_sp --device cuda --skip-comm --batch 4 --heads 8 --head-dim 128 \
+          --seq-lens 4096,16384 --world 4,8 --out "$OUT/sp_gpu.json" ;;
     train) warmup_wait
            step train 170 python3 -m benchmarks.bench_train --device cuda --suite gpu-lengths --layers 4 \
              --lengths 2048,4096,8192,16384 --tokens-per-step 32768 --mixers gla,softmax,gated_deltanet \
@@ -178,7 +179,7 @@ if kernels:
         print("kernels", key, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in values.items()})
 sp = load("sp_gpu.json")
 if sp:
-    for section in ("sp1_overhead", "correction"):
+    for section in ("sp1_overhead", "correction", "compose"):
         rows = sp.get(section, "not reached")
         for row in rows if isinstance(rows, list) else [rows]:
             print("sp", section, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
