@@ -6,7 +6,7 @@
 For each candidate ``CorrectionTiles`` (the production default first), at the A0.3B-2B head shape
 (bf16 activations, fp32 gcum and state; ``--batch``, ``--heads``, ``--head-dim``):
 
-* ``resources``: each kernel compiled ahead of time for sm_90a with the installed Triton: registers,
+* ``resources_sm90``: each kernel compiled ahead of time for sm_90a with the installed Triton: registers,
   stack frame (spills); runs anywhere;
 * on CUDA, per length in ``--seq-lens``: the forward and the backward timed separately
   (``triton.testing.do_bench`` median, L2 flushed) against PyTorch's (``naive_state_correction``
@@ -38,6 +38,7 @@ TF32X3_T64 = dict(fwd_bt=64, fwd_bv=64, fwd_bk=64, dq_bt=64, dq_bk=64, dq_bv=64,
                   fwd_precision="tf32x3", bwd_precision="tf32x3")
 #: name -> tiles; the production default is measured first as "default". Measured on an H200 (Triton 3.6,
 #: benchmarks/results/gpu/h200_run4): the default's forward is ieee_v128's, its backward tf32x3_t64_k128's.
+#: Run 4's kernels unrolled their K and V steps; run 5 re-measured those two and the default with loops.
 CANDIDATES = {
     "ieee_t16": CorrectionTiles(**IEEE),
     "ieee_t32": CorrectionTiles(**{**IEEE, "fwd_bt": 32, "dq_bt": 32}),
