@@ -145,12 +145,17 @@ def measure_comm(args: argparse.Namespace) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------- CUDA timings
+def _print_row(row: dict) -> dict:
+    """Print one measured row as ``key=value`` pairs (floats to 4 significant digits); returns it."""
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    return row
+
+
 def _with_ratios(row: dict, baseline: str) -> dict:
     """``row`` plus ``<key>_over_<baseline>`` for each other timing in it, printed as it is measured."""
     row |= {f"{key[:-2]}_over_{baseline[:-2]}": row[key] / row[baseline]
             for key in list(row) if key.endswith("_s") and key != baseline}
-    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-    return row
+    return _print_row(row)
 
 
 def time_sp1_overhead(args: argparse.Namespace) -> list[dict]:
@@ -236,8 +241,7 @@ def time_compose(args: argparse.Namespace) -> list[dict]:
                                                           args.cuda_rep_ms)
             for op in ("prefix", "suffix"):
                 row[f"triton_over_torch_{op}"] = row[f"triton_{op}_s"] / row[f"torch_{op}_s"]
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-            rows.append(row)
+            rows.append(_print_row(row))
     return rows
 
 

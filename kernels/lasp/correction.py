@@ -134,7 +134,7 @@ def _programs_wanted(device: torch.device) -> int:
     return 32
 
 
-def t_splits(T: int, blocks: int, device: torch.device, step: int = TILES.ds_bt) -> tuple[int, int]:
+def t_splits(T: int, blocks: int, device: torch.device, step: int) -> tuple[int, int]:
     """``(splits, rows per split)`` of the dS kernel: enough T splits that ``blocks`` x splits programs fill
     the device, each split a whole number of ``step`` rows (so no step crosses two splits)."""
     steps = triton.cdiv(T, step)
